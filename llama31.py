@@ -10,20 +10,26 @@ claim against Meta's own code (reference.py). Where this file deliberately diffe
 marked "differs from Meta" says how and why.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tokenizer import ChatFormat, Tokenizer, default_tokenizer_path
 
@@ -114,6 +120,8 @@ class ModelArgs:
         return params
 
 
+BOS_ID = 128000  # <|begin_of_text|> of the Llama 3 tokenizer: where a document starts in packed training data
+
 # keys that some params.json files carry and that change nothing here
 PARAMS_IGNORED = {"max_seq_len", "max_batch_size"}
 
@@ -196,8 +204,8 @@ class KVCache(nn.Module):
 
     def update(self, input_pos, xk, xv):
         # input_pos: (T,) positions; xk, xv: (B, n_kv_heads, T, head_dim)
-        self.cache_k.index_copy_(2, input_pos, xk)
-        self.cache_v.index_copy_(2, input_pos, xv)
+        self.cache_k.index_copy_(2, input_pos, xk.to(self.cache_k.dtype))  # (autocast may give bf16)
+        self.cache_v.index_copy_(2, input_pos, xv.to(self.cache_v.dtype))
         return self.cache_k, self.cache_v
 
 
@@ -227,7 +235,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:
             # one new token attends to every cached position up to its own; later slots are masked out
-            visible = torch.arange(keys.size(2), device=x.device) <= input_pos  # (max_seq_len,)
+            visible = (torch.arange(keys.size(2), device=x.device) <= input_pos).view(1, 1, 1, -1)  # (.., S)
             y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=visible, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -295,10 +303,29 @@ class Transformer(nn.Module):
             h = layer(h, freqs_cis, input_pos, mask)
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """float32 logits (B, T, vocab_size) of every position. Without input_pos: the whole sequence,
-        causal, no cache (training, eval, tests). With input_pos: through the KV cache (generation)."""
+        causal, no cache (training, eval, tests). With input_pos: through the KV cache (generation).
+        With targets: the training loss instead (so DDP, which wraps forward, sees it)."""
+        if targets is not None:
+            return self.forward_loss(tokens, targets)
         return self.output(self.hidden(tokens, input_pos)).float()
+
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                     bos_id: int = BOS_ID) -> torch.Tensor:
+        """Mean next-token cross-entropy over the targets that are not ignore_index, with document
+        masking: in a packed row [BOS doc1 EOS][BOS doc2 ...] a token attends only to tokens at or after
+        the latest BOS at or before it, so doc2 is trained as if it stood alone.
+        inputs, targets: (B, T)."""
+        mask = None
+        if bool((inputs[:, 1:] == bos_id).any()):  # rows holding one document keep the plain causal path
+            doc = torch.cumsum(inputs == bos_id, dim=1)  # (B, T) index of each token's document in its row
+            causal = torch.ones(inputs.size(1), inputs.size(1), dtype=torch.bool, device=inputs.device).tril()
+            mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        h = self.hidden(inputs, mask=mask)
+        logits = self.output(h).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
 
     def setup_caches(self, batch_size: int, seq_len: int):
         """Give every layer a KV cache, reusing the present ones when the size is unchanged (so a compiled
@@ -621,6 +648,491 @@ def load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dt
     return model, tokenizer
 
 
+def atomic_write(path: Path, write: Callable[[Path], None]):
+    """write(tmp) then rename onto path: a reader (or a run killed mid-write) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, extra: Optional[dict] = None):
+    """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
+    train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
+    a temporary name and renamed into place when whole, so a killed run leaves either the old checkpoint
+    or the new one, never a half-written one. Weights are saved in the dtype they were trained in."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights stored twice:
+    # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
+    files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
+             "consolidated.00.pth": lambda p: torch.save(sd, p),
+             "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)}
+    if extra is not None:
+        files["train_state.pt"] = lambda p: torch.save(extra, p)
+    for name, write in files.items():
+        write(tmp / name)
+        with open(tmp / name, "rb+") as f:
+            os.fsync(f.fileno())
+    if out_dir.exists():  # replacing a checkpoint of the same step (a resumed run saving again)
+        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# data: the shard format, DistributedShardedDataLoader, preparing shards from text
+
+# A shard is a header of 256 int32 (magic, version, number of tokens, zeros) followed by the tokens as
+# uint32 (llm.c's layout). A token with bit 31 set is read as an input but never as a training target:
+# chat data marks everything but the assistant's replies that way.
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240801, 7, 256
+NOT_A_TARGET = 1 << 31
+
+
+def write_shard(path: Path, tokens: np.ndarray):
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, len(tokens)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint32).tobytes())
+    atomic_write(path, write)
+
+
+def open_shard(path: str, vocab_size: int) -> np.ndarray:
+    """The tokens of one shard, memory-mapped, after checking the header and the token ids."""
+    size = os.path.getsize(path)
+    if size < HEADER_INTS * 4:
+        raise ValueError(f"data shard {path} is {size} bytes, shorter than the {HEADER_INTS * 4}-byte header")
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ValueError(f"data shard {path} has magic {header[0]} version {header[1]}, expected magic "
+                         f"{SHARD_MAGIC} version {SHARD_VERSION}: not a shard written by `llama31.py prepare`")
+    n = int(header[2])
+    if n < 0 or size != (HEADER_INTS + n) * 4:
+        raise ValueError(f"data shard {path} says it holds {n} tokens but its size ({size} bytes) holds "
+                         f"{size // 4 - HEADER_INTS}: the file is truncated or corrupt")
+    tokens = np.memmap(path, dtype=np.uint32, mode="r", offset=HEADER_INTS * 4, shape=(n,))
+    top = int((tokens & (NOT_A_TARGET - 1)).max()) if n else 0
+    if top >= vocab_size:
+        raise ValueError(f"data shard {path} holds token id {top}, but the model's vocabulary has {vocab_size} "
+                         "tokens: it was prepared with another tokenizer")
+    return tokens
+
+
+class DistributedShardedDataLoader:
+    """Batches (x, y) of B rows of T tokens from shards matching filename_pattern. At each step the
+    ranks take consecutive, disjoint B*T slices of the token stream in rank order; when a rank's next slice
+    would run past the end of a shard it continues in the next shard (cycling) at its own offset."""
+
+    def __init__(self, filename_pattern: str, B: int, T: int, process_rank: int = 0, num_processes: int = 1,
+                 vocab_size: int = 128256):
+        self.files = sorted(glob.glob(filename_pattern))
+        if not self.files:
+            raise FileNotFoundError(f"no data shard matches {filename_pattern!r}; create some with "
+                                    "`python llama31.py prepare`")
+        self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
+        self.vocab_size = vocab_size
+        for f in self.files:  # every shard is checked now, not hours into a run
+            n = len(open_shard(f, vocab_size))
+            if n < B * T * num_processes + 1:
+                raise ValueError(f"data shard {f} holds {n} tokens, too few for one step of {num_processes} "
+                                 f"process(es) x B={B} x T={T} (+1); use a smaller B or T, or more data per shard")
+        self.reset()
+
+    def reset(self):
+        self.load_state_dict({"shard": 0, "position": self.B * self.T * self.rank})
+
+    def state_dict(self) -> dict:
+        return {"shard": self.shard, "position": self.position}
+
+    def load_state_dict(self, state: dict):
+        self.shard, self.position = state["shard"], state["position"]
+        self.tokens = open_shard(self.files[self.shard], self.vocab_size)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y: (B, T) int64; y is x shifted by one, with -100 where the token is not a training target."""
+        B, T = self.B, self.T
+        buf = torch.from_numpy(self.tokens[self.position: self.position + B * T + 1].astype(np.int64))
+        ids = buf & (NOT_A_TARGET - 1)
+        x = ids[:-1].view(B, T)
+        y = torch.where(buf[1:] >= NOT_A_TARGET, -100, ids[1:]).view(B, T)
+        self.position += B * T * self.world
+        if self.position + B * T + 1 > len(self.tokens):
+            self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "position": B * T * self.rank})
+        return x, y
+
+
+def progress(i: int, n: int, what: str):
+    """A one-line progress bar on stderr."""
+    if n and (i == n or i % max(1, n // 200) == 0):
+        done = int(30 * i / n)
+        print(f"\r{what} [{'#' * done}{'.' * (30 - done)}] {i}/{n}", end="\n" if i == n else "", file=sys.stderr,
+              flush=True)
+
+
+def read_documents(inputs) -> list:
+    """Documents from text files (one document each), folders of them (*.txt, *.md, *.jsonl inside), or
+    jsonl files with one record per line: {"text": str} for plain text, {"messages": [...]} for chat."""
+    paths = []
+    for item in ([inputs] if isinstance(inputs, (str, Path)) else inputs):
+        item = Path(item)
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix in (".txt", ".md", ".jsonl") and p.is_file())
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"input {item} does not exist")
+    docs = []
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+        if path.suffix != ".jsonl":
+            docs.append(text)
+            continue
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from None
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                docs.append(record["text"])
+            elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+                docs.append(record["messages"])
+            else:
+                raise ValueError(f'{path}:{lineno} needs a "text" string or a "messages" list')
+    if not docs:
+        raise ValueError(f"no documents found in {inputs}")
+    return docs
+
+
+def prepare(inputs, out_dir: str = "data", val_fraction: float = 0.05, seed: int = 1337,
+            shard_tokens: int = 100_000_000, tokenizer_path: Optional[str] = None) -> dict:
+    """Tokenize text files, folders or jsonl into train_NNNNNN.bin / val_NNNNNN.bin shards: each
+    document becomes BOS doc EOS, documents shuffled with seed, a val_fraction of them held out (at least
+    one). Chat records ({"messages": [...]}) train only on the assistant's tokens."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val_fraction {val_fraction} must be in [0, 1)")
+    if shard_tokens < 1:
+        raise ValueError(f"--shard_tokens {shard_tokens} must be positive")
+    tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else default_tokenizer_path())
+    chat = ChatFormat(tokenizer)
+    docs = read_documents(inputs)
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = max(1, round(val_fraction * len(docs))) if val_fraction > 0 and len(docs) > 1 else 0
+    splits = {"val": order[:n_val], "train": order[n_val:]}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, idx in splits.items():
+        buf, shard, written[split] = [], 0, []
+
+        def flush():
+            nonlocal buf, shard
+            path = out_dir / f"{split}_{shard:06d}.bin"
+            write_shard(path, np.concatenate(buf))
+            written[split].append(str(path))
+            buf, shard = [], shard + 1
+        for i, j in enumerate(idx, 1):
+            doc = docs[j]
+            if isinstance(doc, str):
+                ids = np.array(tokenizer.encode(doc, bos=True, eos=True), dtype=np.uint32)
+            else:
+                toks, is_target = chat.encode_dialog_with_mask(doc)
+                ids = np.array(toks, dtype=np.uint32) | np.where(is_target, 0, NOT_A_TARGET).astype(np.uint32)
+            buf.append(ids)
+            if sum(len(b) for b in buf) >= shard_tokens:
+                flush()
+            progress(i, len(idx), f"tokenizing {split}")
+        if buf:
+            flush()
+    print(f"wrote {len(written['train'])} train and {len(written['val'])} val shard(s) to {out_dir}",
+          file=sys.stderr)
+    return written
+
+
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories_all_data.tar.gz"
+
+
+def tinystories(out_dir: str = "data/tinystories", url: str = TINYSTORIES_URL, max_files: int = 2, **kwargs):
+    """Download TinyStories (the one command here that uses the network), then prepare shards from the
+    stories of its first max_files json files."""
+    import tarfile
+    import urllib.request
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    archive = out_dir / "TinyStories_all_data.tar.gz"
+    if not archive.exists():
+        print(f"downloading {url}", file=sys.stderr)
+        atomic_write(archive, lambda tmp: urllib.request.urlretrieve(url, tmp))
+    stories = []
+    with tarfile.open(archive) as tar:
+        members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".json")),
+                         key=lambda m: m.name)[:max_files]
+        for m in members:  # read as data only: nothing from the archive is extracted or executed
+            stories += [{"text": s["story"].strip()} for s in json.load(tar.extractfile(m))]
+    jsonl = out_dir / "stories.jsonl"
+    atomic_write(jsonl, lambda tmp: tmp.write_text("".join(json.dumps(s) + "\n" for s in stories)))
+    return prepare(str(jsonl), out_dir=str(out_dir), **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# training: optimizer, schedule, loop, eval, checkpointing
+
+
+def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, device: torch.device):
+    """AdamW with weight decay on the 2-D weights (matmuls, embedding) only, not on the norms;
+    the fused kernel on a GPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, min_lr_frac: float) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_frac * learning_rate at max_steps."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress_ = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return learning_rate * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest complete step_NNNNNN directory (incomplete ones live under a temporary name)."""
+    steps = sorted(out_dir.glob("step_[0-9]*"))
+    return steps[-1] if steps else None
+
+
+def flops_per_token(args: ModelArgs, T: int) -> float:
+    """Training FLOPs per token, as nanoGPT counts them: 6 per parameter in the matmuls (2 forward, 4
+    backward), plus attention's score and value matmuls, 6 * 2 * n_layers * T * dim (counted over the
+    full T x T square, as PaLM's MFU does, though the causal half is skipped by flash attention)."""
+    n_matmul = args.n_layers * (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+                                + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.hidden_dim)
+    n_matmul += args.dim * args.vocab_size  # the output layer (the embedding lookup is no matmul)
+    return 6 * n_matmul + 12 * args.n_layers * T * args.dim
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DistributedShardedDataLoader, steps: int, device, autocast_ctx) -> float:
+    """Mean loss over `steps` batches of the val loader from its start, averaged over ranks."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast_ctx:
+            total += model(x.to(device), targets=y.to(device)).float()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    return total.item() / steps
+
+
+def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str = "data/train_*.bin",
+          val_data: Optional[str] = "data/val_*.bin", out_dir: str = "out", batch_size: int = 4,
+          seq_len: int = 1024, total_batch_size: Optional[int] = None, max_steps: int = 100,
+          learning_rate: float = 3e-5, warmup_steps: int = 10, min_lr_frac: float = 0.1,
+          weight_decay: float = 0.1, grad_clip: float = 1.0, val_every: int = 50, val_steps: int = 10,
+          sample_every: int = 0, sample_prompts: tuple = ("The",), sample_len: int = 48, save_every: int = 0,
+          resume: bool = False, seed: int = 1337, device: Optional[str] = None, pure_bf16: bool = False,
+          compile: bool = False, overfit_single_batch: bool = False, max_bad_steps: int = 5,
+          peak_flops: float = 989e12, tokenizer_path: Optional[str] = None) -> list:
+    """Finetune a Meta checkpoint (--ckpt_dir) or train a --model preset from scratch, on shards made by
+    `prepare`. Under torchrun: DDP over NCCL (GPUs) or gloo (CPU). total_batch_size is in tokens
+    (default: one micro-batch per rank); gradient accumulation makes up the rest. On a GPU the weights and
+    AdamW state are float32 and the matmuls bf16 (autocast); --pure_bf16 keeps everything in bf16, which
+    halves that memory but loses updates smaller than bf16's resolution (about 1/256 of a weight), so
+    small learning rates stall. Returns the list of per-step training losses."""
+    # distributed setup: one process per GPU (or CPU process) under torchrun
+    ddp = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device)
+    if ddp:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    try:
+        return _train(**{k: v for k, v in locals().items() if k not in ("ddp",)})
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, total_batch_size, max_steps,
+           learning_rate, warmup_steps, min_lr_frac, weight_decay, grad_clip, val_every, val_steps, sample_every,
+           sample_prompts, sample_len, save_every, resume, seed, device, pure_bf16, compile,
+           overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, rank, world):
+    B, T = batch_size, seq_len
+    total_batch_size = total_batch_size or B * T * world
+    if total_batch_size % (B * T * world):
+        raise ValueError(f"--total_batch_size {total_batch_size} must be a multiple of batch_size x seq_len x "
+                         f"processes = {B} x {T} x {world} = {B * T * world}")
+    grad_accum = total_batch_size // (B * T * world)
+    out_dir = Path(out_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(f"--out_dir {out_dir} is not writable")
+    master_dtype = torch.bfloat16 if pure_bf16 else torch.float32
+    use_autocast = device.type == "cuda" and not pure_bf16
+    autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+
+    # the model: a checkpoint to finetune (or our own to resume), else a preset from scratch
+    resume_from = latest_checkpoint(out_dir) if resume else None
+    if resume and resume_from is None:
+        print0(f"--resume: no checkpoint in {out_dir} yet, starting from the beginning", file=sys.stderr)
+    source = resume_from or ckpt_dir
+    if source is not None:
+        net, tokenizer = load_model(source, tokenizer_path, T, 4, device, master_dtype)
+    else:
+        args = preset(model, max_seq_len=T)
+        tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else default_tokenizer_path())
+        net = Transformer(args).to(device=device, dtype=master_dtype)
+        net.init_weights(torch.Generator(device=device).manual_seed(seed))
+    tokenizer_file = Path(tokenizer_path) if tokenizer_path else (
+        Path(source) / "tokenizer.model" if source and (Path(source) / "tokenizer.model").exists()
+        else default_tokenizer_path())
+    args = net.params
+    if T > args.max_seq_len:
+        raise ValueError(f"--seq_len {T} exceeds the model's max_seq_len {args.max_seq_len}")
+    net.train()
+    raw_model = net
+    if compile:
+        net = torch.compile(net)
+    if dist.is_initialized():
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, device)
+
+    train_loader = DistributedShardedDataLoader(train_data, B, T, rank, world, args.vocab_size)
+    val_loader = DistributedShardedDataLoader(val_data, B, T, rank, world, args.vocab_size) if val_data else None
+    start_step = 0
+    if resume_from is not None:
+        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["loaders"][rank])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]  # the checkpoint of step s holds the weights after s updates
+        print0(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
+
+    # SIGTERM / SIGINT: finish the step, save a checkpoint, exit cleanly
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def save(step):
+        loaders = [train_loader.state_dict()]
+        if dist.is_initialized():
+            loaders = [None] * world
+            dist.all_gather_object(loaders, train_loader.state_dict())
+        if rank == 0:
+            path = out_dir / f"step_{step:06d}"
+            extra = {"optimizer": optimizer.state_dict(), "loaders": loaders, "rng": torch.get_rng_state(),
+                     "step": step}
+            save_checkpoint(raw_model, path, tokenizer_file, extra)
+            print0(f"saved {path}", file=sys.stderr)
+
+    flops_tok = flops_per_token(args, T)
+    print0(f"model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | {world} process(es) | "
+           f"B={B} T={T} grad_accum={grad_accum} -> {total_batch_size:,} tokens/step | {device} {master_dtype}"
+           f"{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
+    log_file = out_dir / "log.jsonl"
+    losses, bad_steps = [], 0
+    if overfit_single_batch:
+        fixed = train_loader.next_batch()
+    for step in range(start_step, max_steps + 1):
+        last_step = step == max_steps
+        # eval and samples at the start, every N steps, and at the end
+        if val_loader is not None and val_every and (step % val_every == 0 or last_step):
+            val_loss = evaluate(net, val_loader, val_steps, device, autocast_ctx)
+            print0(f"step {step}/{max_steps} | val loss {val_loss:.4f}")
+            if rank == 0:
+                with open(log_file, "a") as f:
+                    f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
+        if rank == 0 and sample_every and (step % sample_every == 0 or last_step):
+            raw_model.eval()
+            llama = Llama(raw_model, tokenizer)
+            rng = torch.Generator(device=device).manual_seed(seed)
+            with autocast_ctx:
+                outs = llama.text_completion(list(sample_prompts), rng, temperature=0.8, top_p=0.95,
+                                             max_gen_len=sample_len)
+            for p, o in zip(sample_prompts, outs):
+                print0(f"  sample: {p}{o['generation']!r}")
+            raw_model.train()
+        if save_every and step > start_step and (step % save_every == 0 or last_step) or last_step or stop_signal:
+            save(step)
+        if last_step or stop_signal:
+            break
+
+        # one optimization step: grad_accum micro-batches
+        t0 = time.time()
+        lr = get_lr(step, max_steps, learning_rate, warmup_steps, min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = fixed if overfit_single_batch else train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if isinstance(net, DDP):  # all-reduce the gradients only on the last micro-step
+                net.require_backward_grad_sync = micro_step == grad_accum - 1
+            with autocast_ctx:
+                loss = net(x, targets=y) / grad_accum
+            loss_accum += loss.detach()
+            loss.backward()
+        if dist.is_initialized():
+            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        if not (torch.isfinite(loss_accum) and torch.isfinite(norm)):
+            # a non-finite loss or gradient: skip the update rather than poison the weights
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            print0(f"step {step}: non-finite loss {loss_accum.item()} or grad norm {norm.item()}, step skipped "
+                   f"({bad_steps} in a row)", file=sys.stderr)
+            if bad_steps >= max_bad_steps:
+                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}; stopping without "
+                                   "saving. Try a lower --learning_rate or check the data.")
+            continue
+        bad_steps = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        tok_per_s = total_batch_size / dt
+        loss_v = loss_accum.item()
+        losses.append(loss_v)
+        mfu = flops_tok * tok_per_s / world / peak_flops if device.type == "cuda" else None
+        print0(f"step {step + 1:4d}/{max_steps} | loss {loss_v:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
+               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+        if rank == 0:
+            with open(log_file, "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": loss_v, "lr": lr, "norm": norm.item(), "ms": dt * 1000,
+                                    "tok_per_s": tok_per_s, "mfu": mfu}) + "\n")
+    if stop_signal:
+        print0(f"stopped by signal {stop_signal[0]} after saving; continue with --resume", file=sys.stderr)
+    return losses
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -677,7 +1189,9 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
 def main():
     import fire  # imported here so the module itself needs only torch and tiktoken
     try:
-        fire.Fire({"sample": sample})
+        # results are for Python callers (tests); the commands print what a user needs
+        fire.Fire({"sample": sample, "train": train, "prepare": prepare, "tinystories": tinystories},
+                  serialize=lambda result: None)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"llama31: error: {e}", file=sys.stderr)
         sys.exit(2)
