@@ -1,0 +1,173 @@
+"""
+Speed of llama31.py on one GPU, against the card's own limits measured in the same run. Random weights of
+a preset shape, so no checkpoint is needed.
+
+    python bench.py decode                      # Llama 3.1 8B shape, batch 1 and 8, compiled decode
+    python bench.py decode --hf                 # also transformers' static-cache compiled generate
+    python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
+
+Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
+measured copy bandwidth / bytes read per step (weights + the KV cache). Training is matmul-bound: MFU is
+model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is printed beside it.
+"""
+
+import time
+
+import torch
+
+import llama31
+from tokenizer import Tokenizer, default_tokenizer_path
+
+
+def cuda_time(fn, repeat: int = 10) -> float:
+    """Median seconds of fn() over `repeat` runs, timed with CUDA events after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_card(device) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, dense bf16 matmul FLOP/s) of this card."""
+    src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB, far past the L2
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * src.element_size() / cuda_time(lambda: dst.copy_(src))
+    del src, dst
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    flops = 2 * n ** 3 / cuda_time(lambda: a @ b)
+    return bw, flops
+
+
+def random_model(name: str, device, dtype, max_seq_len: int, max_batch_size: int) -> llama31.Transformer:
+    """A preset-shaped model with random weights, built on the meta device and materialised once on device
+    in its final dtype (no float32 copy of 8B parameters)."""
+    args = llama31.preset(name, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    with torch.device("meta"):
+        model = llama31.Transformer(args)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if args.tie_word_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.init_weights(torch.Generator(device=device).manual_seed(0))
+    model.reset_rope()
+    return model
+
+
+def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256, batch_sizes: tuple = (1, 8),
+           compile: bool = True, hf: bool = False):
+    """Time generation: compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline."""
+    device = llama31.pick_device("cuda")
+    bw, mm = measure_card(device)
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    max_seq_len = prompt_len + gen_len
+    net = random_model(model, device, torch.bfloat16, max_seq_len, max(batch_sizes))
+    args = net.params
+    llama = llama31.Llama(net.eval(), Tokenizer(default_tokenizer_path()), compile=compile)
+    llama.tokenizer.stop_tokens = []  # random weights: every run makes exactly gen_len tokens
+    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    rows = []
+    for B in batch_sizes:
+        prompts = torch.randint(0, 128000, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+        t0 = time.time()
+        llama.generate(prompts, gen_len, temperature=0)  # warm-up: compiles and records the CUDA graph
+        torch.cuda.synchronize()
+        warmup = time.time() - t0
+        tokens = torch.tensor(prompts, device=device)
+        net.setup_caches(B, max_seq_len)
+        with torch.inference_mode():
+            ttft = cuda_time(lambda: llama31.prefill(net, tokens, torch.arange(prompt_len, device=device)), 5)
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.time()
+        llama.generate(prompts, gen_len, temperature=0)
+        torch.cuda.synchronize()
+        total = time.time() - t0
+        per_seq = (gen_len - 1) / (total - ttft)  # decode steps per second, each making B tokens
+        kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * max_seq_len * args.head_dim * 2
+        roofline = bw / (weight_bytes + kv_bytes)
+        rows.append((f"llama31 {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
+                     100 * per_seq / roofline, torch.cuda.max_memory_allocated() / 2 ** 30))
+    if hf:
+        rows += hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes)
+    print(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, bf16, {torch.cuda.get_device_name()}")
+    print(f"{'what':<28}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}{'peak GiB':>10}")
+    for name, B, warm, ttft_ms, tps, pct, mem in rows:
+        print(f"{name:<28}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{mem:>10.1f}")
+
+
+def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
+    """transformers' LlamaForCausalLM with its static cache and compiled forward, on the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                         num_key_value_heads=args.n_kv_heads, rms_norm_eps=args.norm_eps,
+                         max_position_embeddings=prompt_len + gen_len, tie_word_embeddings=args.tie_word_embeddings)
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(config)
+    hf = hf.to(dtype=torch.bfloat16).to_empty(device=device).eval()  # random weights: speed only
+    hf.generation_config.cache_implementation = "static"
+    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    rows = []
+    for B in batch_sizes:
+        ids = torch.randint(0, 128000, (B, prompt_len), device=device)
+        kw = dict(max_new_tokens=gen_len, min_new_tokens=gen_len, do_sample=False, pad_token_id=0)
+        t0 = time.time()
+        hf.generate(ids, **kw)
+        torch.cuda.synchronize()
+        warmup = time.time() - t0
+        t0 = time.time()
+        hf.generate(ids, **kw)
+        torch.cuda.synchronize()
+        total = time.time() - t0
+        kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * (prompt_len + gen_len) * args.head_dim * 2
+        per_seq = gen_len / total
+        rows.append(("transformers static+compile", B, warmup, float("nan"), per_seq * B,
+                     100 * per_seq / (bw / (weight_bytes + kv_bytes)), torch.cuda.max_memory_allocated() / 2 ** 30))
+    del hf
+    return rows
+
+
+def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, steps: int = 10,
+          compile: bool = True, peak_flops: float = 989e12):
+    """Time training steps (float32 master weights, bf16 autocast, fused AdamW) on random tokens."""
+    device = llama31.pick_device("cuda")
+    _, mm = measure_card(device)
+    net = random_model(model, device, torch.float32, seq_len, batch_size)
+    args = net.params
+    opt = llama31.configure_optimizer(net, 1e-4, 0.1, device)
+    step_fn = torch.compile(net) if compile else net
+    B, T = batch_size, seq_len
+    x = torch.randint(0, 128000, (B, T), device=device)
+    y = torch.randint(0, 128000, (B, T), device=device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_fn(x, targets=y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize()
+    warmup = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    dt = cuda_time(step, steps)
+    tps = B * T / dt
+    mfu = llama31.flops_per_token(args, T) * tps / peak_flops
+    print(f"\n{model} training, B={B} T={T}, fp32 master + bf16 autocast, {'compiled' if compile else 'eager'}, "
+          f"{torch.cuda.get_device_name()} (measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
+    print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of "
+          f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * llama31.flops_per_token(args, T) * tps / mm:.1f}% of measured) | "
+          f"peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    import fire
+    fire.Fire({"decode": decode, "train": train}, serialize=lambda result: None)
