@@ -93,12 +93,17 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
         roofline = bw / (weight_bytes + kv_bytes)
         rows.append((f"llama31 {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
                      100 * per_seq / roofline, torch.cuda.max_memory_allocated() / 2 ** 30))
+        print_table(model, prompt_len, gen_len, rows)
     if hf:
         rows += hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes)
+        print_table(model, prompt_len, gen_len, rows)
+
+
+def print_table(model, prompt_len, gen_len, rows):
     print(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, bf16, {torch.cuda.get_device_name()}")
     print(f"{'what':<28}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}{'peak GiB':>10}")
     for name, B, warm, ttft_ms, tps, pct, mem in rows:
-        print(f"{name:<28}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{mem:>10.1f}")
+        print(f"{name:<28}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{mem:>10.1f}", flush=True)
 
 
 def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
@@ -111,8 +116,8 @@ def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_by
     with torch.device("meta"):
         hf = LlamaForCausalLM(config)
     hf = hf.to(dtype=torch.bfloat16).to_empty(device=device).eval()  # random weights: speed only
+    # a static cache makes generate compile the forward itself (CUDA graphs, as transformers documents)
     hf.generation_config.cache_implementation = "static"
-    hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
     rows = []
     for B in batch_sizes:
         ids = torch.randint(0, 128000, (B, prompt_len), device=device)

@@ -325,7 +325,10 @@ class Transformer(nn.Module):
             mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         h = self.hidden(inputs, mask=mask)
         logits = self.output(h).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+        # sum / count rather than mean, so a batch with no target at all (chat data) gives 0, not NaN
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index,
+                               reduction="sum")
+        return loss / (targets != ignore_index).sum().clamp(min=1)
 
     def setup_caches(self, batch_size: int, seq_len: int):
         """Give every layer a KV cache, reusing the present ones when the size is unchanged (so a compiled
@@ -772,7 +775,8 @@ class DistributedShardedDataLoader:
         x = ids[:-1].view(B, T)
         y = torch.where(buf[1:] >= NOT_A_TARGET, -100, ids[1:]).view(B, T)
         self.position += B * T * self.world
-        if self.position + B * T + 1 > len(self.tokens):
+        # all ranks move on together, when the whole next step (not just this rank's slice) would not fit
+        if self.position - B * T * self.rank + B * T * self.world + 1 > len(self.tokens):
             self.load_state_dict({"shard": (self.shard + 1) % len(self.files), "position": B * T * self.rank})
         return x, y
 
@@ -972,9 +976,15 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
+    # SIGTERM / SIGINT: finish the step, save a checkpoint, exit cleanly (the caller's handlers come back after)
+    stop_signal = []
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _train(**{k: v for k, v in locals().items() if k not in ("ddp",)})
+        return _train(**{k: v for k, v in locals().items() if k != "previous_handlers"})
     finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if ddp:
             dist.destroy_process_group()
 
@@ -982,7 +992,7 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
 def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, total_batch_size, max_steps,
            learning_rate, warmup_steps, min_lr_frac, weight_decay, grad_clip, val_every, val_steps, sample_every,
            sample_prompts, sample_len, save_every, resume, seed, device, pure_bf16, compile,
-           overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, rank, world):
+           overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, ddp, rank, world, stop_signal):
     B, T = batch_size, seq_len
     total_batch_size = total_batch_size or B * T * world
     if total_batch_size % (B * T * world):
@@ -1014,13 +1024,11 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         Path(source) / "tokenizer.model" if source and (Path(source) / "tokenizer.model").exists()
         else default_tokenizer_path())
     args = net.params
-    if T > args.max_seq_len:
-        raise ValueError(f"--seq_len {T} exceeds the model's max_seq_len {args.max_seq_len}")
     net.train()
     raw_model = net
     if compile:
         net = torch.compile(net)
-    if dist.is_initialized():
+    if ddp:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, device)
 
@@ -1034,11 +1042,6 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         torch.set_rng_state(state["rng"])
         start_step = state["step"]  # the checkpoint of step s holds the weights after s updates
         print0(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
-
-    # SIGTERM / SIGINT: finish the step, save a checkpoint, exit cleanly
-    stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
 
     def save(step):
         loaders = [train_loader.state_dict()]

@@ -104,9 +104,6 @@ def test_loader_ranks_take_consecutive_slices_switch_shards_wrap_and_resume(tmp_
     assert torch.equal(resumed.next_batch()[0], seen[1][0])
 
 
-@pytest.mark.xfail(strict=True, reason="llama31.py:775 each rank decides alone when to leave a shard, so at a "
-                   "shard end whose length is not a whole number of steps the ranks fall out of step: they read "
-                   "slices of different shards in the same step, against the class docstring (llama31.py:738)")
 def test_loader_ranks_stay_in_step_at_an_uneven_shard_end(tmp_path):
     B, T, W = 2, 4, 3
     llama31.write_shard(tmp_path / "train_000000.bin", np.arange(0, 60))  # 2.5 steps of 24 tokens
@@ -332,8 +329,6 @@ def test_overfit_single_batch(init_ckpt, train_data, tmp_path):
     assert losses[-1] < 0.1 * losses[0]
 
 
-@pytest.mark.xfail(strict=True, reason="llama31.py:1040-1041 train() installs SIGINT/SIGTERM handlers and never "
-                   "restores them, so after it returns Ctrl-C no longer interrupts the calling Python program")
 def test_train_restores_signal_handlers(init_ckpt, train_data, tmp_path):
     before = signal.getsignal(signal.SIGINT)
     llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "out", max_steps=1))
