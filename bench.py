@@ -5,15 +5,19 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode                      # Llama 3.1 8B shape, batch 1 and 8, compiled decode
     python bench.py decode --hf                 # also transformers' static-cache compiled generate
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
+    torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
 measured copy bandwidth / bytes read per step (weights + the KV cache). Training is matmul-bound: MFU is
 model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is printed beside it.
 """
 
+import contextlib
+import os
 import time
 
 import torch
+import torch.distributed as dist
 
 import llama31
 from tokenizer import Tokenizer, default_tokenizer_path
@@ -139,20 +143,42 @@ def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_by
 
 
 def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, steps: int = 10,
-          compile: bool = True, peak_flops: float = 989e12):
-    """Time training steps (float32 master weights, bf16 autocast, fused AdamW) on random tokens."""
-    device = llama31.pick_device("cuda")
+          compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = 989e12):
+    """Time training steps on random tokens: float32 master weights, bf16 matmuls, fused AdamW. One GPU:
+    bf16 autocast. Under torchrun with several GPUs: FSDP2 (llama31.shard_model), built on the meta device
+    and materialised shard by shard, so no GPU ever holds the whole float32 model."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = llama31.pick_device("cuda")
     _, mm = measure_card(device)
-    net = random_model(model, device, torch.float32, seq_len, batch_size)
-    args = net.params
+    args = llama31.preset(model, max_seq_len=seq_len)
+    with torch.device("meta"):
+        net = llama31.Transformer(args)
+    net.checkpoint_activations = activation_checkpointing
+    if world > 1:
+        step_fn = llama31.shard_model(net, torch.bfloat16, compile)
+        autocast = contextlib.nullcontext()  # FSDP's policy casts to bf16
+    else:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    net.to_empty(device=device)
+    if args.tie_word_embeddings and world == 1:
+        net.output.weight = net.tok_embeddings.weight
+    torch.manual_seed(0)  # a script: the global RNG also seeds FSDP's sharded random init
+    net.init_weights()
+    net.reset_rope()
+    if world == 1:
+        step_fn = torch.compile(net) if compile else net
     opt = llama31.configure_optimizer(net, 1e-4, 0.1, device)
-    step_fn = torch.compile(net) if compile else net
     B, T = batch_size, seq_len
     x = torch.randint(0, 128000, (B, T), device=device)
     y = torch.randint(0, 128000, (B, T), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast:
             loss = step_fn(x, targets=y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -164,13 +190,18 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
     warmup = time.time() - t0
     torch.cuda.reset_peak_memory_stats()
     dt = cuda_time(step, steps)
-    tps = B * T / dt
+    tps = B * T / dt  # per GPU
     mfu = llama31.flops_per_token(args, T) * tps / peak_flops
-    print(f"\n{model} training, B={B} T={T}, fp32 master + bf16 autocast, {'compiled' if compile else 'eager'}, "
-          f"{torch.cuda.get_device_name()} (measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
-    print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s | MFU {100 * mfu:.1f}% of "
-          f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * llama31.flops_per_token(args, T) * tps / mm:.1f}% of measured) | "
-          f"peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, fp32 master + bf16 compute"
+              f"{', FSDP2' if world > 1 else ''}{', activation checkpointing' if activation_checkpointing else ''}, "
+              f"{'compiled' if compile else 'eager'}, {torch.cuda.get_device_name()} "
+              f"(measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
+        print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s per GPU | MFU {100 * mfu:.1f}% of "
+              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * llama31.flops_per_token(args, T) * tps / mm:.1f}% of measured)"
+              f" | peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.utils.checkpoint import checkpoint
 
 from tokenizer import ChatFormat, Tokenizer, default_tokenizer_path
 
@@ -277,6 +280,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("freqs_cis", None, persistent=False)
         self.reset_rope()
+        self.checkpoint_activations = False  # training: trade a second forward per block for activation memory
 
     def reset_rope(self):
         """(Re)compute the RoPE table on the model's device: a model built on the meta device gets it
@@ -300,7 +304,10 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)
         freqs_cis = self.freqs_cis[:T] if input_pos is None else self.freqs_cis[input_pos]
         for layer in self.layers:
-            h = layer(h, freqs_cis, input_pos, mask)
+            if self.checkpoint_activations and self.training:  # keep only block inputs; recompute in backward
+                h = checkpoint(layer, h, freqs_cis, input_pos, mask, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, input_pos, mask)
         return self.norm(h)
 
     def forward(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
@@ -390,7 +397,10 @@ class Llama:
         if compile:
             # each decode step becomes one CUDA-graph replay; the prefill stays eager (its shape varies,
             # and its matmuls are large enough to run at full speed without compilation)
-            self.decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+            # triton.cudagraphs is what mode="reduce-overhead" sets; coordinate-descent tuning fits the (B, dim) x
+            # (dim, out) matmuls of one token to the memory-bound shape they are (as gpt-fast does)
+            self.decode = torch.compile(decode_one_token, fullgraph=True,
+                                        options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
@@ -665,17 +675,20 @@ def atomic_write(path: Path, write: Callable[[Path], None]):
             tmp.unlink()
 
 
-def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, extra: Optional[dict] = None):
+def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, extra: Optional[dict] = None,
+                    state_dict: Optional[dict] = None):
     """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
     train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
     a temporary name and renamed into place when whole, so a killed run leaves either the old checkpoint
-    or the new one, never a half-written one. Weights are saved in the dtype they were trained in."""
+    or the new one, never a half-written one. Weights are saved in the dtype they were trained in.
+    state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights stored twice:
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
     # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
     files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
              "consolidated.00.pth": lambda p: torch.save(sd, p),
@@ -911,6 +924,20 @@ def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: fl
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
+def shard_model(model: Transformer, param_dtype: torch.dtype, compile: bool) -> Transformer:
+    """FSDP2: each rank keeps 1/world of every float32 master weight, gradient and AdamW state; a block's
+    weights are all-gathered in param_dtype (bf16 on GPUs) just for its forward and backward, and
+    gradients are reduced in float32. Blocks are compiled one by one, before sharding."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        if compile:
+            layer.compile()  # in place: parameter names stay Meta's
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
 def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, min_lr_frac: float) -> float:
     """Linear warmup over warmup_steps, then cosine decay to min_lr_frac * learning_rate at max_steps."""
     if step < warmup_steps:
@@ -959,18 +986,25 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
           sample_every: int = 0, sample_prompts: tuple = ("The",), sample_len: int = 48, save_every: int = 0,
           resume: bool = False, seed: int = 1337, device: Optional[str] = None, pure_bf16: bool = False,
           compile: bool = False, overfit_single_batch: bool = False, max_bad_steps: int = 5,
-          peak_flops: float = 989e12, tokenizer_path: Optional[str] = None) -> list:
+          peak_flops: float = 989e12, tokenizer_path: Optional[str] = None, fsdp: Optional[bool] = None,
+          activation_checkpointing: bool = False) -> list:
     """Finetune a Meta checkpoint (--ckpt_dir) or train a --model preset from scratch, on shards made by
     `prepare`. Under torchrun: DDP over NCCL (GPUs) or gloo (CPU). total_batch_size is in tokens
     (default: one micro-batch per rank); gradient accumulation makes up the rest. On a GPU the weights and
     AdamW state are float32 and the matmuls bf16 (autocast); --pure_bf16 keeps everything in bf16, which
     halves that memory but loses updates smaller than bf16's resolution (about 1/256 of a weight), so
-    small learning rates stall. Returns the list of per-step training losses."""
+    small learning rates stall. With several GPUs (or --fsdp) the model is sharded with FSDP2 instead of
+    replicated with DDP; --activation_checkpointing recomputes each block in the backward pass to save
+    memory. Returns the list of per-step training losses."""
     # distributed setup: one process per GPU (or CPU process) under torchrun
     ddp = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(device)
-    if ddp:
+    fsdp = (ddp and world > 1 and device.type == "cuda") if fsdp is None else fsdp
+    if fsdp and not ddp:
+        raise ValueError("--fsdp needs several processes: start with torchrun --nproc_per_node N")
+    ddp = ddp and not fsdp
+    if ddp or fsdp:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -985,14 +1019,15 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if ddp:
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, total_batch_size, max_steps,
            learning_rate, warmup_steps, min_lr_frac, weight_decay, grad_clip, val_every, val_steps, sample_every,
            sample_prompts, sample_len, save_every, resume, seed, device, pure_bf16, compile,
-           overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, ddp, rank, world, stop_signal):
+           overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, fsdp, activation_checkpointing, ddp, rank,
+           world, stop_signal):
     B, T = batch_size, seq_len
     total_batch_size = total_batch_size or B * T * world
     if total_batch_size % (B * T * world):
@@ -1005,7 +1040,7 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(f"--out_dir {out_dir} is not writable")
     master_dtype = torch.bfloat16 if pure_bf16 else torch.float32
-    use_autocast = device.type == "cuda" and not pure_bf16
+    use_autocast = device.type == "cuda" and not pure_bf16 and not fsdp  # FSDP casts by its own policy
     autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
 
     # the model: a checkpoint to finetune (or our own to resume), else a preset from scratch
@@ -1025,19 +1060,27 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         else default_tokenizer_path())
     args = net.params
     net.train()
+    net.checkpoint_activations = activation_checkpointing
     raw_model = net
-    if compile:
+    if fsdp:
+        compute_dtype = torch.bfloat16 if device.type == "cuda" and not pure_bf16 else master_dtype
+        net = raw_model = shard_model(net, compute_dtype, compile)
+    elif compile:
         net = torch.compile(net)
     if ddp:
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, device)
+    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     train_loader = DistributedShardedDataLoader(train_data, B, T, rank, world, args.vocab_size)
     val_loader = DistributedShardedDataLoader(val_data, B, T, rank, world, args.vocab_size) if val_data else None
     start_step = 0
     if resume_from is not None:
         state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        if fsdp:  # saved whole, by parameter name; each rank keeps its shard
+            set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=full_state)
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         train_loader.load_state_dict(state["loaders"][rank])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]  # the checkpoint of step s holds the weights after s updates
@@ -1048,11 +1091,15 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         if dist.is_initialized():
             loaders = [None] * world
             dist.all_gather_object(loaders, train_loader.state_dict())
+        model_sd = optim_sd = None
+        if fsdp:  # every rank takes part in gathering the full weights and optimizer state onto rank 0's CPU
+            model_sd = get_model_state_dict(raw_model, options=full_state)
+            optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=full_state)
         if rank == 0:
             path = out_dir / f"step_{step:06d}"
-            extra = {"optimizer": optimizer.state_dict(), "loaders": loaders, "rng": torch.get_rng_state(),
-                     "step": step}
-            save_checkpoint(raw_model, path, tokenizer_file, extra)
+            extra = {"optimizer": optim_sd if fsdp else optimizer.state_dict(), "loaders": loaders,
+                     "rng": torch.get_rng_state(), "step": step}
+            save_checkpoint(raw_model, path, tokenizer_file, extra, model_sd)
             print0(f"saved {path}", file=sys.stderr)
 
     flops_tok = flops_per_token(args, T)
@@ -1072,7 +1119,7 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             if rank == 0:
                 with open(log_file, "a") as f:
                     f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-        if rank == 0 and sample_every and (step % sample_every == 0 or last_step):
+        if rank == 0 and sample_every and not fsdp and (step % sample_every == 0 or last_step):
             raw_model.eval()
             llama = Llama(raw_model, tokenizer)
             rng = torch.Generator(device=device).manual_seed(seed)
@@ -1096,8 +1143,11 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         for micro_step in range(grad_accum):
             x, y = fixed if overfit_single_batch else train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if isinstance(net, DDP):  # all-reduce the gradients only on the last micro-step
+            # reduce the gradients across ranks only on the last micro-step
+            if ddp:
                 net.require_backward_grad_sync = micro_step == grad_accum - 1
+            elif fsdp:
+                net.set_requires_gradient_sync(micro_step == grad_accum - 1)
             with autocast_ctx:
                 loss = net(x, targets=y) / grad_accum
             loss_accum += loss.detach()
@@ -1105,6 +1155,8 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         if dist.is_initialized():
             dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        if fsdp:
+            norm = norm.full_tensor()  # a DTensor: the norm over every rank's shards
         if not (torch.isfinite(loss_accum) and torch.isfinite(norm)):
             # a non-finite loss or gradient: skip the update rather than poison the weights
             optimizer.zero_grad(set_to_none=True)
