@@ -387,20 +387,48 @@ def sample_next(logits, temperature: float, top_p: float, generator: Optional[to
     return torch.argmax(logits, dim=-1)
 
 
+class CUDAGraphDecode:
+    """decode_one_token compiled by inductor, then captured in a CUDA graph per batch size and KV cache:
+    each token is one graph replay after copying the new token and position into the graph's static inputs.
+    (torch.compile's mode="reduce-overhead" does the same through CUDA-graph trees, but checks its several
+    hundred inputs in Python on every call.)"""
+
+    def __init__(self):
+        self.step = torch.compile(decode_one_token, fullgraph=True)
+        self.graphs = {}
+
+    def __call__(self, model: Transformer, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        key = (token.shape, model.layers[0].attention.cache.cache_k.data_ptr())
+        if key not in self.graphs:
+            static_token, static_pos = token.clone(), input_pos.clone()
+            # compile and warm up on a side stream, as capture requires; these steps write the same keys and
+            # values into the cache as the replay below will
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.step(model, static_token, static_pos)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_logits = self.step(model, static_token, static_pos)
+            self.graphs[key] = (graph, static_token, static_pos, static_logits)
+        graph, static_token, static_pos, static_logits = self.graphs[key]
+        static_token.copy_(token)
+        static_pos.copy_(input_pos)
+        graph.replay()
+        return static_logits  # overwritten by the next replay: used before then
+
+
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         self.compiled = compile
-        self.decode = decode_one_token
-        if compile:
-            # each decode step becomes one CUDA-graph replay; the prefill stays eager (its shape varies,
-            # and its matmuls are large enough to run at full speed without compilation)
-            # triton.cudagraphs is what mode="reduce-overhead" sets; coordinate-descent tuning fits the (B, dim) x
-            # (dim, out) matmuls of one token to the memory-bound shape they are (as gpt-fast does)
-            self.decode = torch.compile(decode_one_token, fullgraph=True,
-                                        options={"triton.cudagraphs": True, "coordinate_descent_tuning": True})
+        # compiled, each decode step is one CUDA-graph replay; the prefill stays eager (its shape varies, and
+        # its matmuls are large enough to run at full speed without compilation)
+        self.decode = CUDAGraphDecode() if compile else decode_one_token
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
@@ -929,7 +957,8 @@ def shard_model(model: Transformer, param_dtype: torch.dtype, compile: bool) -> 
     weights are all-gathered in param_dtype (bf16 on GPUs) just for its forward and backward, and
     gradients are reduced in float32. Blocks are compiled one by one, before sharding."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # cast_forward_inputs off: the RoPE table passed to every block must stay float32, as in Meta's code
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for layer in model.layers:
         if compile:
             layer.compile()  # in place: parameter names stay Meta's
@@ -1004,7 +1033,8 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     if fsdp and not ddp:
         raise ValueError("--fsdp needs several processes: start with torchrun --nproc_per_node N")
     ddp = ddp and not fsdp
-    if ddp or fsdp:
+    distributed = ddp or fsdp
+    if distributed:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -1015,11 +1045,11 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
                          for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _train(**{k: v for k, v in locals().items() if k != "previous_handlers"})
+        return _train(**{k: v for k, v in locals().items() if k not in ("previous_handlers", "distributed")})
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if dist.is_initialized():
+        if distributed:
             dist.destroy_process_group()
 
 
