@@ -64,8 +64,9 @@ def random_model(name: str, device, dtype, max_seq_len: int, max_batch_size: int
 
 
 def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256, batch_sizes: tuple = (1, 8),
-           compile: bool = True, hf: bool = False):
-    """Time generation: compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline."""
+           compile: bool = True, hf: bool = False, profile: bool = False):
+    """Time generation: compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline.
+    --profile: also print where one batch-1 generation's GPU time goes, kernel by kernel."""
     device = llama31.pick_device("cuda")
     bw, mm = measure_card(device)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
@@ -98,6 +99,12 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
         rows.append((f"llama31 {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
                      100 * per_seq / roofline, torch.cuda.max_memory_allocated() / 2 ** 30))
         print_table(model, prompt_len, gen_len, rows)
+        if profile and B == batch_sizes[0]:
+            from torch.profiler import ProfilerActivity
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                llama.generate(prompts, 64, temperature=0)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
     if hf:
         rows += hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes)
         print_table(model, prompt_len, gen_len, rows)
