@@ -60,6 +60,9 @@ class ModelArgs:
     rope_high_freq_factor: float = 4.0
     rope_old_context_len: int = 8192
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B share the output layer with the embedding
+    # an explicit SwiGLU width, for Hugging Face configs whose intermediate_size no multiple_of /
+    # ffn_dim_multiplier pair reproduces (Meta's code does not read it)
+    ffn_hidden_dim: Optional[int] = None
     # runtime sizes, not part of the weights: the longest sequence and largest batch a run will use
     max_seq_len: int = 2048
     max_batch_size: int = 4
@@ -88,6 +91,8 @@ class ModelArgs:
     @property
     def hidden_dim(self) -> int:
         """The SwiGLU width, computed exactly as Meta's FeedForward does."""
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
         hidden_dim = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden_dim = int(self.ffn_dim_multiplier * hidden_dim)
@@ -117,7 +122,7 @@ class ModelArgs:
         params = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("max_seq_len", "max_batch_size")}
         defaults = ModelArgs()
         for k in ("rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                  "rope_old_context_len", "tie_word_embeddings"):
+                  "rope_old_context_len", "tie_word_embeddings", "ffn_hidden_dim"):
             if params[k] == getattr(defaults, k):
                 del params[k]
         return params
@@ -657,17 +662,166 @@ def load_weights(model: Transformer, sd: dict, source: str, device: torch.device
             raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, but the config implies {tuple(t.shape)}")
         if not sd[k].is_floating_point():
             raise ValueError(f"{source}: {k} has dtype {sd[k].dtype}; weights must be floating point")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    # dtype None keeps the checkpoint's own (convert)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}, strict=True,
+                          assign=True)
     if model.params.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope()
 
 
-def resolve_tokenizer(ckpt_dir: Path, tokenizer_path: Optional[str]) -> Tokenizer:
-    if tokenizer_path is None:
-        local = ckpt_dir / "tokenizer.model"  # Meta's download and our checkpoints bring one
-        tokenizer_path = local if local.exists() else default_tokenizer_path()
-    return Tokenizer(Path(tokenizer_path))
+# Hugging Face's names for Meta's weights; q and k are also permuted (see hf_permute)
+HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+HF_LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+                  "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+                  "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+                  "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
+                  "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_name(meta_name: str) -> str:
+    if meta_name in HF_NAMES:
+        return HF_NAMES[meta_name]
+    _, i, rest = meta_name.split(".", 2)  # layers.{i}.{module}.weight
+    return f"model.layers.{i}.{HF_LAYER_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def hf_permute(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Tensor:
+    """Hugging Face's rotate-half RoPE pairs dimension i with i + head_dim/2, Meta's pairs 2i with 2i+1:
+    the rows of wq and wk are reordered within each head to match. inverse=True goes back to Meta's."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    if inverse:
+        return w.view(n_heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
+    return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def meta_ffn_args(dim: int, width: int) -> dict:
+    """The multiple_of / ffn_dim_multiplier of Meta's published models that give this SwiGLU width, so
+    a converted params.json reads right in Meta's code too; else an explicit ffn_hidden_dim."""
+    for multiple_of in (256, 1024, 4096, 16, 32, 64, 128, 512, 2048):
+        for multiplier in (None, 1.0, 1.2, 1.3, 1.5):
+            args = dict(multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+            if ModelArgs(dim=dim, n_heads=1, **args).hidden_dim == width:
+                return args
+    return dict(ffn_hidden_dim=width)
+
+
+def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
+    """A transformers LlamaForCausalLM directory: config.json + model.safetensors (or shards listed in
+    model.safetensors.index.json), turned into Meta's layout and names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = ckpt_dir / "config.json"
+    config = read_json(path)
+    if not isinstance(config, dict) or config.get("model_type") != "llama":
+        raise ValueError(f"{path} does not describe a Llama model (model_type {config.get('model_type')!r})")
+    try:
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        if config.get("head_dim", dim // n_heads) != dim // n_heads:
+            raise ValueError(f"{path}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
+        if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{path}: biases or an activation other than silu are not Llama 3's")
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5.x or 4.x
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{path}: RoPE type {rope_type!r} is not supported (default or llama3)")
+        args = ModelArgs(
+            dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads", n_heads), vocab_size=config["vocab_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+            use_scaled_rope=rope_type == "llama3", rope_scale_factor=rope.get("factor", 8.0),
+            rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+            rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+            rope_old_context_len=rope.get("original_max_position_embeddings", 8192),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            **meta_ffn_args(dim, config["intermediate_size"]), **runtime)
+    except KeyError as e:
+        raise ValueError(f"{path} lacks the key {e}") from None
+    except TypeError as e:
+        raise ValueError(f"{path} has a value of the wrong type ({e})") from None
+    index = ckpt_dir / "model.safetensors.index.json"
+    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    hf = {}
+    for name in files:
+        if not (ckpt_dir / name).exists():
+            raise FileNotFoundError(f"{ckpt_dir} lacks {name}, which its config or index names")
+        try:
+            hf.update(load_file(ckpt_dir / name))  # safetensors: plain tensors, nothing to execute
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{ckpt_dir / name} is not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        names = list(Transformer(args).state_dict())
+    sd = {}
+    for meta in names:
+        key = hf_name(meta)
+        if key not in hf:
+            if meta == "output.weight" and args.tie_word_embeddings:
+                continue
+            raise ValueError(f"{ckpt_dir} lacks the weight {key}")
+        w = hf.pop(key)
+        if meta.endswith(("wq.weight", "wk.weight")) and w.ndim == 2:
+            w = hf_permute(w, args.n_heads if "wq" in meta else args.n_kv_heads, inverse=True)
+        sd[meta] = w
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    if hf:
+        raise ValueError(f"{ckpt_dir} holds weights this model does not have: {sorted(hf)[:8]}")
+    return args, sd
+
+
+def hf_config(args: ModelArgs) -> dict:
+    """A transformers config.json for these arguments (rope_scaling + rope_theta, which transformers 4.x
+    writes and 5.x still reads)."""
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+              "intermediate_size": args.hidden_dim, "num_hidden_layers": args.n_layers,
+              "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
+              "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+              "hidden_act": "silu", "max_position_embeddings": 131072 if args.use_scaled_rope else 8192,
+              "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
+              "bos_token_id": BOS_ID, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16"}
+    if args.use_scaled_rope:
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scale_factor,
+                                  "low_freq_factor": args.rope_low_freq_factor,
+                                  "high_freq_factor": args.rope_high_freq_factor,
+                                  "original_max_position_embeddings": args.rope_old_context_len}
+    return config
+
+
+def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optional[str] = None):
+    """Convert a checkpoint directory: Meta to Hugging Face (--to hf: config.json + model.safetensors, for
+    transformers or vLLM) or Hugging Face to Meta (--to meta: params.json + consolidated.00.pth +
+    tokenizer.model). Weights keep their dtype. The output directory appears whole or not at all."""
+    from safetensors.torch import save_file
+    if to not in ("hf", "meta"):
+        raise ValueError(f"--to {to!r} must be hf or meta")
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    model, _ = load_model(ckpt_dir, tokenizer_path, 2048, 1, torch.device("cpu"), None)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if to == "meta":
+        save_checkpoint(model, out_dir, resolve_tokenizer_path(ckpt_dir, tokenizer_path))
+        return
+    hf = {}
+    for k, v in sd.items():
+        if k == "output.weight" and model.params.tie_word_embeddings:
+            continue  # transformers ties lm_head to the embedding itself
+        if k.endswith(("wq.weight", "wk.weight")):
+            v = hf_permute(v, model.params.n_heads if "wq" in k else model.params.n_kv_heads)
+        hf[hf_name(k)] = v.contiguous()
+    write_dir_atomically(out_dir, {
+        "config.json": lambda p: p.write_text(json.dumps(hf_config(model.params), indent=2)),
+        "model.safetensors": lambda p: save_file(hf, p, metadata={"format": "pt"}),
+        "tokenizer.model": lambda p: shutil.copyfile(resolve_tokenizer_path(ckpt_dir, tokenizer_path), p)})
+
+
+def resolve_tokenizer_path(ckpt_dir: Path, tokenizer_path: Optional[str]) -> Path:
+    """--tokenizer_path, else the checkpoint's own tokenizer.model (Meta's download and our checkpoints
+    bring one), else the one shipped in the llama-models package."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    local = Path(ckpt_dir) / "tokenizer.model"
+    return local if local.exists() else default_tokenizer_path()
 
 
 def load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype) -> tuple[Transformer, Tokenizer]:
@@ -678,8 +832,9 @@ def load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dt
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} is empty: expected params.json and "
                                 "consolidated.00.pth (Meta) or config.json and *.safetensors (Hugging Face)")
     runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    args, sd = read_meta_checkpoint(ckpt_dir, **runtime)
-    tokenizer = resolve_tokenizer(ckpt_dir, tokenizer_path)
+    is_hf = (ckpt_dir / "config.json").exists()
+    args, sd = (read_hf_checkpoint if is_hf else read_meta_checkpoint)(ckpt_dir, **runtime)
+    tokenizer = Tokenizer(resolve_tokenizer_path(ckpt_dir, tokenizer_path))
     if args.vocab_size != tokenizer.n_words:
         raise ValueError(f"{ckpt_dir} has vocab_size={args.vocab_size} but the tokenizer has {tokenizer.n_words} "
                          "tokens; pass the checkpoint's own --tokenizer_path")
@@ -710,11 +865,6 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
     a temporary name and renamed into place when whole, so a killed run leaves either the old checkpoint
     or the new one, never a half-written one. Weights are saved in the dtype they were trained in.
     state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     state_dict = model.state_dict() if state_dict is None else state_dict
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
     # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
@@ -723,10 +873,25 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
              "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)}
     if extra is not None:
         files["train_state.pt"] = lambda p: torch.save(extra, p)
-    for name, write in files.items():
-        write(tmp / name)
-        with open(tmp / name, "rb+") as f:
-            os.fsync(f.fileno())
+    write_dir_atomically(out_dir, files)
+
+
+def write_dir_atomically(out_dir: Path, files: dict):
+    """Write each files[name](path) into a temporary directory beside out_dir, fsync, then rename it to
+    out_dir (replacing an older one of that name): a reader never sees a half-written directory."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp)  # a failed write (disk full, interrupt) leaves nothing behind
+        raise
     if out_dir.exists():  # replacing a checkpoint of the same step (a resumed run saving again)
         old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
         os.replace(out_dir, old)
@@ -1271,11 +1436,41 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
         print(f"{p}\033[1m{r['generation']}\033[0m\n" + "-" * 60)
 
 
+def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
+         max_gen_len: int = 1024, temperature: float = 0.6, top_p: float = 0.9, seed: int = 1,
+         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
+    """Talk with an Instruct model: multi-turn, streamed, with an optional --system prompt. An empty line or
+    end of input (Ctrl-D) ends the conversation."""
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, compile)
+    llama.check_sampling(temperature, top_p)
+    rng = torch.Generator(device=llama.model.tok_embeddings.weight.device).manual_seed(seed)
+    dialog = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            user = input("user> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        dialog.append({"role": "user", "content": user})
+        print("assistant> ", end="", flush=True)
+        try:
+            out = llama.chat_completion([dialog], rng, temperature, top_p, max_gen_len,
+                                        on_token=stream_printer(llama.tokenizer))
+        except ValueError as e:  # the conversation outgrew max_seq_len: say so, keep talking
+            print(f"\n({e})")
+            dialog.pop()
+            continue
+        print()
+        dialog.append(out[0]["generation"])
+
+
 def main():
     import fire  # imported here so the module itself needs only torch and tiktoken
     try:
         # results are for Python callers (tests); the commands print what a user needs
-        fire.Fire({"sample": sample, "train": train, "prepare": prepare, "tinystories": tinystories},
+        fire.Fire({"sample": sample, "chat": chat, "train": train, "prepare": prepare, "tinystories": tinystories,
+                   "convert": convert},
                   serialize=lambda result: None)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"llama31: error: {e}", file=sys.stderr)

@@ -331,3 +331,109 @@ def test_gpu_compiled_greedy_equals_eager(tiny_ckpt):
     want = eager.generate(prompts, max_gen_len=24, temperature=0)
     assert compiled.generate(prompts, max_gen_len=24, temperature=0) == want
     assert compiled.generate(prompts, max_gen_len=24, temperature=0) == want  # replayed, not re-recorded
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoints, conversion both ways, chat
+
+
+def hf_llama(tmp_path, tie: bool, rope_factor: float, legacy_config: bool = False, seed: int = 0):
+    """A tiny LlamaForCausalLM saved by transformers itself (sharded safetensors + index), with weights as
+    large as the Meta fixtures so greedy choices are clear-cut. legacy_config rewrites config.json the way
+    transformers 4.x (and the Hub's files) have it: rope_scaling + rope_theta."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    rope = {"rope_type": "llama3", "factor": rope_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    config = LlamaConfig(vocab_size=128256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         tie_word_embeddings=tie, rope_parameters=rope, rms_norm_eps=1e-5)
+    model = LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g) if "norm" in name else 0.2 * torch.randn(p.shape, generator=g))
+    path = tmp_path / f"hf-{tie}-{rope_factor}-{legacy_config}"
+    model.save_pretrained(path, max_shard_size="20MB")
+    if legacy_config:
+        cfg = json.loads((path / "config.json").read_text())
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        cfg["rope_scaling"] = params
+        (path / "config.json").write_text(json.dumps(cfg))
+    return model, path
+
+
+@pytest.mark.parametrize("tie,rope_factor,legacy", [(False, 8.0, True), (True, 32.0, False)])
+def test_hf_checkpoint_matches_transformers(tmp_path, tie, rope_factor, legacy):
+    hf, path = hf_llama(tmp_path, tie, rope_factor, legacy)
+    assert (path / "model.safetensors.index.json").exists()
+    ours = llama31.Llama.build(str(path), max_seq_len=SEQ, max_batch_size=BATCH, device="cpu")
+    assert ours.model.params.tie_word_embeddings == tie and ours.model.params.rope_scale_factor == rope_factor
+    tokens = random_tokens(2, 40, seed=5)
+    a = ours.model(tokens)
+    with torch.no_grad():
+        b = hf(tokens).logits.float()
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
+    prompt = ours.tokenizer.encode("The capital of France is", bos=True, eos=False)
+    ids = ours.generate([prompt], max_gen_len=12, temperature=0)[0]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    assert ids == want
+
+
+def test_convert_meta_to_hf_and_back(tmp_path, tiny_ckpt, llama):
+    from transformers import LlamaForCausalLM
+    r = run_cli("convert", "--ckpt_dir", str(tiny_ckpt), "--out_dir", str(tmp_path / "hf"), "--to", "hf")
+    assert r.returncode == 0, r.stderr
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tokens = random_tokens(2, 24, seed=6)
+    with torch.no_grad():
+        b = hf(tokens).logits.float()
+    a = llama.model(tokens)
+    assert ((a - b).norm() / b.norm()).item() < 1e-4
+    llama31.convert(str(tmp_path / "hf"), str(tmp_path / "meta"), to="meta")
+    back = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    orig = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
+    assert back.keys() == orig.keys()
+    assert all(torch.equal(back[k], orig[k]) and back[k].dtype == torch.bfloat16 for k in orig)
+    params = llama31.ModelArgs.from_params(json.loads((tmp_path / "meta" / "params.json").read_text()))
+    assert params.hidden_dim == llama31.ModelArgs(**TINY).hidden_dim
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
+
+
+def test_hf_checkpoint_errors(tmp_path):
+    _, path = hf_llama(tmp_path, False, 8.0)
+    (path / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks model-00002-of-00003.safetensors"):
+        llama31.Llama.build(str(path), device="cpu")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    with pytest.raises(ValueError, match="does not describe a Llama model"):
+        llama31.Llama.build(str(path), device="cpu")
+    del cfg["num_hidden_layers"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="lacks the key 'num_hidden_layers'"):
+        llama31.Llama.build(str(path), device="cpu")
+
+
+def test_chat_completion_uses_meta_dialog_tokens(llama):
+    from reference import reference_dialog_tokens
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    prompt = reference_dialog_tokens(dialog)
+    assert llama.formatter.encode_dialog_prompt(dialog) == prompt
+    want = llama.tokenizer.decode(llama.generate([prompt], max_gen_len=10, temperature=0)[0])
+    out = llama.chat_completion([dialog], temperature=0, max_gen_len=10)
+    assert out == [{"generation": {"role": "assistant", "content": want}}]
+
+
+def test_cli_chat_multi_turn(tiny_ckpt, llama):
+    r = run_cli("chat", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "64", "--max_gen_len", "4",
+                "--temperature", "0", "--system", "Be brief.", "--device", "cpu", input="Hi\nAnd then?\n")
+    assert r.returncode == 0, r.stderr
+    first = llama.chat_completion([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
+                                  temperature=0, max_gen_len=4)[0]["generation"]
+    second = llama.chat_completion([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                     first, {"role": "user", "content": "And then?"}]],
+                                   temperature=0, max_gen_len=4)[0]["generation"]
+    assert r.stdout == f"user> assistant> {first['content']}\nuser> assistant> {second['content']}\nuser> "
