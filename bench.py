@@ -42,9 +42,9 @@ def measure_card(device) -> tuple[float, float]:
     src = torch.randn(1 << 30, device=device, dtype=torch.bfloat16)  # 2 GiB, far past the L2
     dst = torch.empty_like(src)
     bw = 2 * src.numel() * src.element_size() / cuda_time(lambda: dst.copy_(src))
-    del src, dst
     n = 8192
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     flops = 2 * n ** 3 / cuda_time(lambda: a @ b)
     return bw, flops
 
