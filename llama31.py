@@ -394,39 +394,6 @@ def sample_next(logits, temperature: float, top_p: float, generator: Optional[to
     return torch.argmax(logits, dim=-1)
 
 
-class CUDAGraphDecode:
-    """decode_one_token compiled by inductor, then captured in a CUDA graph per batch size and KV cache:
-    each token is one graph replay after copying the new token and position into the graph's static inputs.
-    (torch.compile's mode="reduce-overhead" does the same through CUDA-graph trees, but checks its several
-    hundred inputs in Python on every call.)"""
-
-    def __init__(self):
-        self.step = torch.compile(decode_one_token, fullgraph=True)
-        self.graphs = {}
-
-    def __call__(self, model: Transformer, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        key = (token.shape, model.layers[0].attention.cache.cache_k.data_ptr())
-        if key not in self.graphs:
-            static_token, static_pos = token.clone(), input_pos.clone()
-            # compile and warm up on a side stream, as capture requires; these steps write the same keys and
-            # values into the cache as the replay below will
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.step(model, static_token, static_pos)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_logits = self.step(model, static_token, static_pos)
-            self.graphs[key] = (graph, static_token, static_pos, static_logits)
-        graph, static_token, static_pos, static_logits = self.graphs[key]
-        static_token.copy_(token)
-        static_pos.copy_(input_pos)
-        graph.replay()
-        return static_logits  # overwritten by the next replay: used before then
-
-
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
         self.model = model
@@ -435,7 +402,9 @@ class Llama:
         self.compiled = compile
         # compiled, each decode step is one CUDA-graph replay; the prefill stays eager (its shape varies, and
         # its matmuls are large enough to run at full speed without compilation)
-        self.decode = CUDAGraphDecode() if compile else decode_one_token
+        self.decode = decode_one_token
+        if compile:
+            self.decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
