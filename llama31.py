@@ -1268,6 +1268,13 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             save_checkpoint(raw_model, path, tokenizer_file, extra, model_sd)
             print0(f"saved {path}", file=sys.stderr)
 
+    if rank == 0:  # a checkpoint holds the weights and AdamW's two moments: refuse a run that cannot save one
+        need = 3 * sum(p.numel() for p in raw_model.parameters()) * torch.finfo(master_dtype).bits // 8
+        free = shutil.disk_usage(out_dir).free
+        if free < need:
+            raise OSError(f"--out_dir {out_dir} has {free / 1e9:.2f} GB free, but a checkpoint of this model "
+                          f"needs about {need / 1e9:.2f} GB")
+
     flops_tok = flops_per_token(args, T)
     print0(f"model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | {world} process(es) | "
            f"B={B} T={T} grad_accum={grad_accum} -> {total_batch_size:,} tokens/step | {device} {master_dtype}"
@@ -1330,8 +1337,8 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             print0(f"step {step}: non-finite loss {loss_accum.item()} or grad norm {norm.item()}, step skipped "
                    f"({bad_steps} in a row)", file=sys.stderr)
             if bad_steps >= max_bad_steps:
-                raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {step}; stopping without "
-                                   "saving. Try a lower --learning_rate or check the data.")
+                raise FloatingPointError(f"{bad_steps} non-finite steps in a row at step {step}; stopping without "
+                                         "saving. Try a lower --learning_rate or check the data.")
             continue
         bad_steps = 0
         optimizer.step()
@@ -1474,7 +1481,7 @@ def main():
         fire.Fire({"demo": demo, "sample": sample, "chat": chat, "train": train, "prepare": prepare,
                    "tinystories": tinystories, "convert": convert},
                   serialize=lambda result: None)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # the user's to fix: one line, no traceback
         print(f"llama31: error: {e}", file=sys.stderr)
         sys.exit(2)
 
