@@ -1078,3 +1078,16 @@ def test_saved_checkpoint_reloads_exactly_and_in_meta_reference(tmp_path, tie):
     sd = torch.load(ckpt / "consolidated.00.pth", map_location="cpu", weights_only=True)
     meta = reference_model(params, sd, max_seq_len=64, max_batch_size=2)  # loads strictly
     assert torch.allclose(reference_logits(meta, tokens), ours, rtol=0, atol=1e-4)
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The first-run demo's machinery, shortened to 3 steps: Python's docs tokenized into shards, the tiny
+    preset trained from scratch, a checkpoint saved, loaded back and sampled from."""
+    llama31.demo(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), max_steps=3, device="cpu")
+    out = capsys.readouterr().out
+    assert (tmp_path / "data" / "train_000000.bin").exists() and (tmp_path / "data" / "val_000000.bin").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["log.jsonl", "step_000003"]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 3 and losses[0] == pytest.approx(math.log(128256), abs=0.1)
+    assert "samples from" in out and "The for statement" in out and "A function definition" in out
