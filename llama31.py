@@ -52,7 +52,7 @@ class ModelArgs:
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
-    use_scaled_rope: bool = True
+    use_scaled_rope: bool = False  # Meta's default, for a params.json without the key (Llama 3.0)
     # RoPE frequency scaling; Meta's code hard-codes these Llama 3.1 values. Llama 3.2 1B/3B use a factor
     # of 32 (Hugging Face configs carry it); Meta's params.json never does, so 8 is the default here.
     rope_scale_factor: float = 8.0
@@ -134,7 +134,7 @@ BOS_ID = 128000  # <|begin_of_text|> of the Llama 3 tokenizer: where a document 
 PARAMS_IGNORED = {"max_seq_len", "max_batch_size"}
 
 # the published text models' shapes (Meta's params.json), and a small one for demos and tests
-PRESETS = {
+PRESETS = {  # all use Llama 3.1's scaled RoPE (use_scaled_rope=True, added below)
     "llama3.1-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3),
     "llama3.1-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
     "llama3.1-405b": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, multiple_of=4096,
@@ -152,7 +152,7 @@ PRESETS = {
 def preset(name: str, **runtime) -> ModelArgs:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return ModelArgs(**PRESETS[name], **runtime)
+    return ModelArgs(**PRESETS[name], use_scaled_rope=True, **runtime)
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +237,8 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (B, heads, T, head_dim)
         gqa = self.n_kv_heads != self.n_heads
+        # differs from Meta: SDPA's fused kernels (float32 softmax inside) instead of explicit matmuls, a
+        # softmax cast to float32 and back; equal within float32 rounding on the CPU
         if self.cache is not None:
             keys, values = self.cache.update(input_pos, xk, xv)
         if self.cache is None or T > 1:
@@ -687,7 +689,8 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     path = ckpt_dir / "config.json"
     config = read_json(path)
     if not isinstance(config, dict) or config.get("model_type") != "llama":
-        raise ValueError(f"{path} does not describe a Llama model (model_type {config.get('model_type')!r})")
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path} does not describe a Llama model (model_type {found!r}, expected 'llama')")
     try:
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
         if config.get("head_dim", dim // n_heads) != dim // n_heads:
@@ -714,7 +717,10 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     except TypeError as e:
         raise ValueError(f"{path} has a value of the wrong type ({e})") from None
     index = ckpt_dir / "model.safetensors.index.json"
-    files = sorted(set(read_json(index)["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    weight_map = read_json(index).get("weight_map") if index.exists() else {"*": "model.safetensors"}
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} lacks its weight_map")
+    files = sorted(set(weight_map.values()))
     hf = {}
     for name in files:
         if not (ckpt_dir / name).exists():
@@ -742,7 +748,7 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     return args, sd
 
 
-def hf_config(args: ModelArgs) -> dict:
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     """A transformers config.json for these arguments (rope_scaling + rope_theta, which transformers 4.x
     writes and 5.x still reads)."""
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
@@ -751,7 +757,8 @@ def hf_config(args: ModelArgs) -> dict:
               "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
               "hidden_act": "silu", "max_position_embeddings": 131072 if args.use_scaled_rope else 8192,
               "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "mlp_bias": False,
-              "bos_token_id": BOS_ID, "eos_token_id": [128001, 128008, 128009], "torch_dtype": "bfloat16"}
+              "bos_token_id": BOS_ID, "eos_token_id": [128001, 128008, 128009],
+              "torch_dtype": str(dtype).removeprefix("torch.")}
     if args.use_scaled_rope:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": args.rope_scale_factor,
                                   "low_freq_factor": args.rope_low_freq_factor,
@@ -769,30 +776,30 @@ def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optiona
         raise ValueError(f"--to {to!r} must be hf or meta")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     model, _ = load_model(ckpt_dir, tokenizer_path, 2048, 1, torch.device("cpu"), None)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     if to == "meta":
         save_checkpoint(model, out_dir, resolve_tokenizer_path(ckpt_dir, tokenizer_path))
         return
     hf = {}
-    for k, v in sd.items():
+    for k, v in model.state_dict().items():
         if k == "output.weight" and model.params.tie_word_embeddings:
             continue  # transformers ties lm_head to the embedding itself
         if k.endswith(("wq.weight", "wk.weight")):
             v = hf_permute(v, model.params.n_heads if "wq" in k else model.params.n_kv_heads)
         hf[hf_name(k)] = v.contiguous()
     write_dir_atomically(out_dir, {
-        "config.json": lambda p: p.write_text(json.dumps(hf_config(model.params), indent=2)),
+        "config.json": lambda p: p.write_text(json.dumps(hf_config(model.params, model.output.weight.dtype),
+                                                           indent=2)),
         "model.safetensors": lambda p: save_file(hf, p, metadata={"format": "pt"}),
         "tokenizer.model": lambda p: shutil.copyfile(resolve_tokenizer_path(ckpt_dir, tokenizer_path), p)})
 
 
-def resolve_tokenizer_path(ckpt_dir: Path, tokenizer_path: Optional[str]) -> Path:
+def resolve_tokenizer_path(ckpt_dir: Optional[Path], tokenizer_path: Optional[str]) -> Path:
     """--tokenizer_path, else the checkpoint's own tokenizer.model (Meta's download and our checkpoints
     bring one), else the one shipped in the llama-models package."""
     if tokenizer_path is not None:
         return Path(tokenizer_path)
-    local = Path(ckpt_dir) / "tokenizer.model"
-    return local if local.exists() else default_tokenizer_path()
+    local = Path(ckpt_dir) / "tokenizer.model" if ckpt_dir is not None else None
+    return local if local is not None and local.exists() else default_tokenizer_path()
 
 
 def load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype) -> tuple[Transformer, Tokenizer]:
@@ -870,6 +877,11 @@ def write_dir_atomically(out_dir: Path, files: dict):
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
+    parent = os.open(out_dir.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
 
 
 # -----------------------------------------------------------------------------
@@ -926,12 +938,16 @@ class DistributedShardedDataLoader:
             raise FileNotFoundError(f"no data shard matches {filename_pattern!r}; create some with "
                                     "`python llama31.py prepare`")
         self.B, self.T, self.rank, self.world = B, T, process_rank, num_processes
-        self.vocab_size = vocab_size
-        for f in self.files:  # every shard is checked now, not hours into a run
-            n = len(open_shard(f, vocab_size))
-            if n < B * T * num_processes + 1:
-                raise ValueError(f"data shard {f} holds {n} tokens, too few for one step of {num_processes} "
-                                 f"process(es) x B={B} x T={T} (+1); use a smaller B or T, or more data per shard")
+        need = B * T * num_processes + 1
+        shards = [(f, open_shard(f, vocab_size)) for f in self.files]  # all checked now, not hours into a run
+        small = [f"{f} ({len(t)} tokens)" for f, t in shards if len(t) < need]
+        shards = [(f, t) for f, t in shards if len(t) >= need]
+        if not shards:
+            raise ValueError(f"data shard(s) {', '.join(small)}: too few for one step of {num_processes} "
+                             f"process(es) x B={B} x T={T} (+1); use a smaller B or T, or more data")
+        if small:
+            print0(f"skipping data shard(s) too small for one step: {', '.join(small)}", file=sys.stderr)
+        self.files, self.shards = [f for f, _ in shards], [t for _, t in shards]
         self.reset()
 
     def reset(self):
@@ -942,7 +958,7 @@ class DistributedShardedDataLoader:
 
     def load_state_dict(self, state: dict):
         self.shard, self.position = state["shard"], state["position"]
-        self.tokens = open_shard(self.files[self.shard], self.vocab_size)
+        self.tokens = self.shards[self.shard]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (B, T) int64; y is x shifted by one, with -100 where the token is not a training target."""
@@ -1014,7 +1030,7 @@ def prepare(inputs, out_dir: str = "data", val_fraction: float = 0.05, seed: int
         raise ValueError(f"--val_fraction {val_fraction} must be in [0, 1)")
     if shard_tokens < 1:
         raise ValueError(f"--shard_tokens {shard_tokens} must be positive")
-    tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else default_tokenizer_path())
+    tokenizer = Tokenizer(resolve_tokenizer_path(None, tokenizer_path))
     chat = ChatFormat(tokenizer)
     docs = read_documents(inputs)
     order = np.random.default_rng(seed).permutation(len(docs))
@@ -1024,7 +1040,7 @@ def prepare(inputs, out_dir: str = "data", val_fraction: float = 0.05, seed: int
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for split, idx in splits.items():
-        buf, shard, written[split] = [], 0, []
+        buf, n_buf, shard, written[split] = [], 0, 0, []
 
         def flush():
             nonlocal buf, shard
@@ -1040,11 +1056,16 @@ def prepare(inputs, out_dir: str = "data", val_fraction: float = 0.05, seed: int
                 toks, is_target = chat.encode_dialog_with_mask(doc)
                 ids = np.array(toks, dtype=np.uint32) | np.where(is_target, 0, NOT_A_TARGET).astype(np.uint32)
             buf.append(ids)
-            if sum(len(b) for b in buf) >= shard_tokens:
+            n_buf += len(ids)
+            if n_buf >= shard_tokens:
                 flush()
+                n_buf = 0
             progress(i, len(idx), f"tokenizing {split}")
         if buf:
             flush()
+        for old in sorted(set(map(str, out_dir.glob(f"{split}_[0-9]*.bin"))) - set(written[split])):
+            os.remove(old)  # a shard of an earlier, larger preparation here would be read as part of this one
+            print(f"removed {old}, left from an earlier preparation", file=sys.stderr)
     print(f"wrote {len(written['train'])} train and {len(written['val'])} val shard(s) to {out_dir}",
           file=sys.stderr)
     return written
@@ -1113,7 +1134,7 @@ def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, m
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     """The newest complete step_NNNNNN directory (incomplete ones live under a temporary name)."""
-    steps = sorted(out_dir.glob("step_[0-9]*"))
+    steps = sorted(out_dir.glob("step_[0-9]*"), key=lambda p: int(p.name.removeprefix("step_")))
     return steps[-1] if steps else None
 
 
@@ -1158,7 +1179,7 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     (default: one micro-batch per rank); gradient accumulation makes up the rest. On a GPU the weights and
     AdamW state are float32 and the matmuls bf16 (autocast); --pure_bf16 keeps everything in bf16, which
     halves that memory but loses updates smaller than bf16's resolution (about 1/256 of a weight), so
-    small learning rates stall. With several GPUs (or --fsdp) the model is sharded with FSDP2 instead of
+    small learning rates stall. --grad_clip 0 turns clipping off. With several GPUs (or --fsdp) the model is sharded with FSDP2 instead of
     replicated with DDP; --activation_checkpointing recomputes each block in the backward pass to save
     memory. Returns the list of per-step training losses."""
     # distributed setup: one process per GPU (or CPU process) under torchrun
@@ -1195,6 +1216,11 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
            overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, fsdp, activation_checkpointing, ddp, rank,
            world, stop_signal):
     B, T = batch_size, seq_len
+    for flag, value in (("batch_size", B), ("seq_len", T), ("max_steps", max_steps), ("val_steps", val_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{flag} {value!r} must be a positive integer")
+    if isinstance(sample_prompts, str):  # fire passes a single prompt as a string
+        sample_prompts = (sample_prompts,)
     total_batch_size = total_batch_size or B * T * world
     if total_batch_size % (B * T * world):
         raise ValueError(f"--total_batch_size {total_batch_size} must be a multiple of batch_size x seq_len x "
@@ -1205,25 +1231,29 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         out_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(f"--out_dir {out_dir} is not writable")
+        if not resume and latest_checkpoint(out_dir) is not None:
+            raise ValueError(f"--out_dir {out_dir} already holds checkpoints ({latest_checkpoint(out_dir).name}); "
+                             "pass --resume to continue that run, or choose another --out_dir")
+        for stale in out_dir.glob(".step_*.tmp*"):  # a save cut short by a kill: never a checkpoint
+            shutil.rmtree(stale)
     master_dtype = torch.bfloat16 if pure_bf16 else torch.float32
     use_autocast = device.type == "cuda" and not pure_bf16 and not fsdp  # FSDP casts by its own policy
-    autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+    autocast_ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
 
     # the model: a checkpoint to finetune (or our own to resume), else a preset from scratch
     resume_from = latest_checkpoint(out_dir) if resume else None
     if resume and resume_from is None:
         print0(f"--resume: no checkpoint in {out_dir} yet, starting from the beginning", file=sys.stderr)
     source = resume_from or ckpt_dir
+    tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
     if source is not None:
-        net, tokenizer = load_model(source, tokenizer_path, T, 4, device, master_dtype)
+        net, tokenizer = load_model(source, tokenizer_file, T, len(sample_prompts), device, master_dtype)
     else:
-        args = preset(model, max_seq_len=T)
-        tokenizer = Tokenizer(Path(tokenizer_path) if tokenizer_path else default_tokenizer_path())
-        net = Transformer(args).to(device=device, dtype=master_dtype)
+        tokenizer = Tokenizer(tokenizer_file)
+        net = Transformer(preset(model, max_seq_len=T, max_batch_size=len(sample_prompts)))
+        net = net.to(device=device, dtype=master_dtype)
+        net.reset_rope()  # the .to() above cast the RoPE table too; it stays float32
         net.init_weights(torch.Generator(device=device).manual_seed(seed))
-    tokenizer_file = Path(tokenizer_path) if tokenizer_path else (
-        Path(source) / "tokenizer.model" if source and (Path(source) / "tokenizer.model").exists()
-        else default_tokenizer_path())
     args = net.params
     net.train()
     net.checkpoint_activations = activation_checkpointing
@@ -1247,6 +1277,9 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=full_state)
         else:
             optimizer.load_state_dict(state["optimizer"])
+        if len(state["loaders"]) != world:
+            raise ValueError(f"{resume_from} was saved by {len(state['loaders'])} process(es); resume it with "
+                             f"the same number, not {world}")
         train_loader.load_state_dict(state["loaders"][rank])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]  # the checkpoint of step s holds the weights after s updates
@@ -1280,7 +1313,7 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
            f"B={B} T={T} grad_accum={grad_accum} -> {total_batch_size:,} tokens/step | {device} {master_dtype}"
            f"{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
     log_file = out_dir / "log.jsonl"
-    losses, bad_steps = [], 0
+    losses, bad_steps, stop = [], 0, False
     if overfit_single_batch:
         fixed = train_loader.next_batch()
     for step in range(start_step, max_steps + 1):
@@ -1302,9 +1335,14 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             for p, o in zip(sample_prompts, outs):
                 print0(f"  sample: {p}{o['generation']!r}")
             raw_model.train()
-        if save_every and step > start_step and (step % save_every == 0 or last_step) or last_step or stop_signal:
+        stop = bool(stop_signal)
+        if dist.is_initialized():  # a signal that reached one rank stops all of them at the same step
+            flag = torch.tensor(float(stop), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if step > start_step and (save_every and step % save_every == 0 or last_step or stop):
             save(step)
-        if last_step or stop_signal:
+        if last_step or stop:
             break
 
         # one optimization step: grad_accum micro-batches
@@ -1327,7 +1365,7 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             loss.backward()
         if dist.is_initialized():
             dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         if fsdp:
             norm = norm.full_tensor()  # a DTensor: the norm over every rank's shards
         if not (torch.isfinite(loss_accum) and torch.isfinite(norm)):
@@ -1356,8 +1394,8 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
             with open(log_file, "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": loss_v, "lr": lr, "norm": norm.item(), "ms": dt * 1000,
                                     "tok_per_s": tok_per_s, "mfu": mfu}) + "\n")
-    if stop_signal:
-        print0(f"stopped by signal {stop_signal[0]} after saving; continue with --resume", file=sys.stderr)
+    if stop:
+        print0(f"stopped by a signal after saving step {step}; continue with --resume", file=sys.stderr)
     return losses
 
 
@@ -1452,6 +1490,11 @@ def demo(out_dir: str = "out/demo", data_dir: str = "data/pydoc", max_steps: int
     minutes on 2 CPU cores."""
     import pydoc_data.topics
     t0 = time.time()
+    previous = [p for p in Path(out_dir).glob("step_[0-9]*")] + list(Path(out_dir).glob("log.jsonl"))
+    if previous:  # the demo's own output from an earlier run
+        print(f"replacing the earlier demo run in {out_dir}", file=sys.stderr)
+        for p in previous:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     docs = data_dir / "pydoc_topics.jsonl"
@@ -1463,7 +1506,7 @@ def demo(out_dir: str = "out/demo", data_dir: str = "data/pydoc", max_steps: int
     train(model="tiny", train_data=str(data_dir / "train_*.bin"), val_data=str(data_dir / "val_*.bin"),
           out_dir=out_dir, batch_size=4, seq_len=256, max_steps=max_steps, learning_rate=5e-3, warmup_steps=5,
           val_every=25, val_steps=4, seed=seed, device=device)
-    ckpt = latest_checkpoint(Path(out_dir))
+    ckpt = Path(out_dir) / f"step_{max_steps:06d}"
     llama = Llama.build(str(ckpt), max_seq_len=256, max_batch_size=2, device=device)
     prompts = ["The for statement", "A function definition"]
     rng = torch.Generator(device=llama.model.tok_embeddings.weight.device).manual_seed(seed)

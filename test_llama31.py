@@ -1091,3 +1091,31 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
               if "loss" in json.loads(line)]
     assert len(losses) == 3 and losses[0] == pytest.approx(math.log(128256), abs=0.1)
     assert "samples from" in out and "The for statement" in out and "A function definition" in out
+
+
+def test_params_without_use_scaled_rope_mean_llama3_rope_as_in_meta(tmp_path, tiny_sd):
+    params = {k: v for k, v in TINY.items() if k != "use_scaled_rope"}  # Llama 3.0's params.json
+    ckpt = write_meta_checkpoint(tmp_path / "c", params, tiny_sd)
+    ours = llama31.Llama.build(str(ckpt), max_seq_len=SEQ, max_batch_size=BATCH, device="cpu")
+    assert ours.model.params.use_scaled_rope is False
+    tokens = random_tokens(1, 40, seed=9)
+    assert (ours.model(tokens) - reference_logits(reference_model(params, tiny_sd, SEQ, 1), tokens)).abs().max() < TOL
+
+
+def test_train_refuses_an_out_dir_of_another_run_and_a_changed_world_size(init_ckpt, train_data, tmp_path):
+    llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "out", max_steps=1))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume"):
+        llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "out", max_steps=2))
+    state = torch.load(tmp_path / "out" / "step_000001" / "train_state.pt", weights_only=True)
+    torch.save({**state, "loaders": state["loaders"] * 2}, tmp_path / "out" / "step_000001" / "train_state.pt")
+    with pytest.raises(ValueError, match="saved by 2 process.*not 1"):
+        llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "out", max_steps=2, resume=True))
+
+
+def test_prepare_again_replaces_its_earlier_shards(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(20)))
+    llama31.prepare(str(docs), out_dir=str(tmp_path / "d"), shard_tokens=100)  # many small shards
+    many = sorted(p.name for p in (tmp_path / "d").glob("train_*.bin"))
+    llama31.prepare(str(docs), out_dir=str(tmp_path / "d"))  # one shard: the old ones must not linger
+    assert len(many) > 1 and sorted(p.name for p in (tmp_path / "d").glob("train_*.bin")) == ["train_000000.bin"]
