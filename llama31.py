@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -34,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.utils.checkpoint import checkpoint
 
-from tokenizer import ChatFormat, Tokenizer, default_tokenizer_path
+from tokenizer import ChatFormat, Tokenizer, check_message, default_tokenizer_path
 
 # -----------------------------------------------------------------------------
 # config and presets
@@ -74,10 +75,21 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"model argument {name}={value!r} must be a positive integer")
-        for name in ("norm_eps", "rope_theta", "rope_scale_factor"):
+        for name in ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_old_context_len", "ffn_dim_multiplier", "ffn_hidden_dim"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            if value is None and name.startswith("ffn_"):
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                 raise ValueError(f"model argument {name}={value!r} must be a positive number")
+            if name == "ffn_hidden_dim" and not isinstance(value, int):
+                raise ValueError(f"model argument ffn_hidden_dim={value!r} must be a positive integer")
+        for name in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model argument {name}={getattr(self, name)!r} must be true or false")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"model arguments rope_high_freq_factor={self.rope_high_freq_factor} must be larger "
+                             f"than rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(
                 f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not fit together: "
@@ -558,17 +570,18 @@ def read_json(path: Path) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_torch_file(path) -> dict:
-    """A state dict, memory-mapped and with weights_only=True: nothing in the file can run code."""
+def load_torch_file(path, weights: bool = True):
+    """A state dict (or, weights=False, any object of tensors and plain types), memory-mapped and with
+    weights_only=True: nothing in the file can run code."""
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file; all mean the same here
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if weights and (not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return sd
 
@@ -599,7 +612,7 @@ def read_meta_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
         sd.pop("rope.freqs", None)  # Llama 2's precomputed RoPE table; recomputed here
     for p, sd in zip(paths[1:], shards[1:]):
         if sd.keys() != shards[0].keys():
-            diff = sorted(set(sd) ^ set(shards[0]))[:5]
+            diff = sorted(map(str, set(sd) ^ set(shards[0])))[:5]
             raise ValueError(f"{p} and {paths[0]} hold different weights (e.g. {diff}): not parts of one checkpoint")
     if len(shards) == 1:
         return args, shards[0]
@@ -625,7 +638,7 @@ def load_weights(model: Transformer, sd: dict, source: str, device: torch.device
         sd["output.weight"] = sd.get("tok_embeddings.weight")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+    unexpected = sorted(map(str, set(sd) - set(expected)))  # map(str): a foreign file may have other keys
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model its config describes: "
                          f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
@@ -693,11 +706,16 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
         raise ValueError(f"{path} does not describe a Llama model (model_type {found!r}, expected 'llama')")
     try:
         dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        if type(dim) is not int or type(n_heads) is not int or dim < 1 or n_heads < 1:
+            raise ValueError(f"{path}: hidden_size {dim!r} and num_attention_heads {n_heads!r} must be positive "
+                             "integers")
         if config.get("head_dim", dim // n_heads) != dim // n_heads:
             raise ValueError(f"{path}: head_dim {config['head_dim']} != hidden_size / num_attention_heads")
         if config.get("attention_bias") or config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{path}: biases or an activation other than silu are not Llama 3's")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5.x or 4.x
+        if not isinstance(rope, dict):
+            raise ValueError(f"{path}: rope_scaling {rope!r} must be an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{path}: RoPE type {rope_type!r} is not supported (default or llama3)")
@@ -717,9 +735,12 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     except TypeError as e:
         raise ValueError(f"{path} has a value of the wrong type ({e})") from None
     index = ckpt_dir / "model.safetensors.index.json"
-    weight_map = read_json(index).get("weight_map") if index.exists() else {"*": "model.safetensors"}
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} lacks its weight_map")
+    weight_map = read_json(index) if index.exists() else {"weight_map": {"*": "model.safetensors"}}
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    # file names only: an index does not get to point outside its directory
+    if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n and Path(n).name == n
+                                                   for n in weight_map.values()):
+        raise ValueError(f"{index} needs a weight_map of weight names to file names in {ckpt_dir}")
     files = sorted(set(weight_map.values()))
     hf = {}
     for name in files:
@@ -730,16 +751,18 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{ckpt_dir / name} is not a readable safetensors file ({e})") from None
     with torch.device("meta"):
-        names = list(Transformer(args).state_dict())
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     sd = {}
-    for meta in names:
+    for meta, shape in shapes.items():
         key = hf_name(meta)
         if key not in hf:
             if meta == "output.weight" and args.tie_word_embeddings:
                 continue
             raise ValueError(f"{ckpt_dir} lacks the weight {key}")
         w = hf.pop(key)
-        if meta.endswith(("wq.weight", "wk.weight")) and w.ndim == 2:
+        if w.shape != shape:
+            raise ValueError(f"{ckpt_dir}: {key} has shape {tuple(w.shape)}, but the config implies {tuple(shape)}")
+        if meta.endswith(("wq.weight", "wk.weight")):
             w = hf_permute(w, args.n_heads if "wq" in meta else args.n_kv_heads, inverse=True)
         sd[meta] = w
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
@@ -840,12 +863,15 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
                     state_dict: Optional[dict] = None):
     """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
     train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
-    a temporary name and renamed into place when whole, so a killed run leaves either the old checkpoint
-    or the new one, never a half-written one. Weights are saved in the dtype they were trained in.
+    a temporary name and renamed into place when whole, so a killed run leaves the whole checkpoint or
+    none, never a half-written one; an existing out_dir is refused, never overwritten. Weights are saved in the dtype they were trained in.
     state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
     # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
+        raise FloatingPointError(f"not saving {out_dir}: the weights {bad[:4]} hold non-finite values")
     files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
              "consolidated.00.pth": lambda p: torch.save(sd, p),
              "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)}
@@ -856,8 +882,12 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
 
 def write_dir_atomically(out_dir: Path, files: dict):
     """Write each files[name](path) into a temporary directory beside out_dir, fsync, then rename it to
-    out_dir (replacing an older one of that name): a reader never sees a half-written directory."""
+    out_dir: a reader never sees a half-written directory. An existing out_dir is never replaced: one
+    directory cannot be swapped for another in one atomic rename, and a crash between two renames would
+    leave neither under its name."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists; choose another output directory or remove it first")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -867,16 +897,10 @@ def write_dir_atomically(out_dir: Path, files: dict):
             write(tmp / name)
             with open(tmp / name, "rb+") as f:
                 os.fsync(f.fileno())
+        os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp)  # a failed write (disk full, interrupt) leaves nothing behind
         raise
-    if out_dir.exists():  # replacing a checkpoint of the same step (a resumed run saving again)
-        old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
     parent = os.open(out_dir.parent, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(parent)
@@ -1000,10 +1024,14 @@ def read_documents(inputs) -> list:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+        if not text.strip():
+            print(f"skipped {path}: it holds no text", file=sys.stderr)
+            continue
         if path.suffix != ".jsonl":
             docs.append(text)
             continue
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # split at "\n" only: str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -1013,6 +1041,8 @@ def read_documents(inputs) -> list:
             if isinstance(record, dict) and isinstance(record.get("text"), str):
                 docs.append(record["text"])
             elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+                for i, message in enumerate(record["messages"]):
+                    check_message(message, f"{path}:{lineno} message {i}")
                 docs.append(record["messages"])
             else:
                 raise ValueError(f'{path}:{lineno} needs a "text" string or a "messages" list')
@@ -1132,9 +1162,22 @@ def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, m
     return learning_rate * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress_)))
 
 
+def read_train_state(path: Path) -> dict:
+    """What --resume needs besides the weights: AdamW's state, each rank's loader position, the RNG, the step."""
+    state = load_torch_file(path, weights=False)
+    rng = state.get("rng") if isinstance(state, dict) else None
+    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("loaders"), list) and all(isinstance(s, dict) for s in state["loaders"])
+            and isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and isinstance(state.get("step"), int)):
+        raise ValueError(f"{path} is not a train state of this script (optimizer, loaders, rng, step); resume "
+                         "from another step_* directory (delete this one) or start a new --out_dir")
+    return state
+
+
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     """The newest complete step_NNNNNN directory (incomplete ones live under a temporary name)."""
-    steps = sorted(out_dir.glob("step_[0-9]*"), key=lambda p: int(p.name.removeprefix("step_")))
+    steps = [p for p in out_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]  # not step_000002_backup
+    steps.sort(key=lambda p: int(p.name.removeprefix("step_")))
     return steps[-1] if steps else None
 
 
@@ -1216,9 +1259,23 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
            overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, fsdp, activation_checkpointing, ddp, rank,
            world, stop_signal):
     B, T = batch_size, seq_len
-    for flag, value in (("batch_size", B), ("seq_len", T), ("max_steps", max_steps), ("val_steps", val_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"--{flag} {value!r} must be a positive integer")
+    # flags are checked here, by name, rather than failing deep inside a step
+    for flag, value, low in (("batch_size", B, 1), ("seq_len", T, 1), ("max_steps", max_steps, 1),
+                             ("val_steps", val_steps, 1), ("max_bad_steps", max_bad_steps, 1),
+                             ("sample_len", sample_len, 1), ("warmup_steps", warmup_steps, 0),
+                             ("val_every", val_every, 0), ("sample_every", sample_every, 0),
+                             ("save_every", save_every, 0), ("seed", seed, 0)):
+        if type(value) is not int or value < low:
+            raise ValueError(f"--{flag} {value!r} must be an integer >= {low}")
+    for flag, value, ok, what in (
+            # an AdamW learning rate above 1 is never meant, and near float32's limit the update overflows
+            ("learning_rate", learning_rate, lambda v: 0 < v <= 1, "in (0, 1]"),
+            ("min_lr_frac", min_lr_frac, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("weight_decay", weight_decay, lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("grad_clip", grad_clip, lambda v: 0 <= v < math.inf, ">= 0 (0 turns clipping off)"),
+            ("peak_flops", peak_flops, lambda v: 0 < v < math.inf, "above 0")):
+        if type(value) not in (int, float) or not ok(value):
+            raise ValueError(f"--{flag} {value!r} must be a number {what}")
     if isinstance(sample_prompts, str):  # fire passes a single prompt as a string
         sample_prompts = (sample_prompts,)
     total_batch_size = total_batch_size or B * T * world
@@ -1254,6 +1311,10 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         net = net.to(device=device, dtype=master_dtype)
         net.reset_rope()  # the .to() above cast the RoPE table too; it stays float32
         net.init_weights(torch.Generator(device=device).manual_seed(seed))
+    if source is not None:
+        bad = [k for k, v in net.state_dict().items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{source} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
     args = net.params
     net.train()
     net.checkpoint_activations = activation_checkpointing
@@ -1272,7 +1333,7 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
     val_loader = DistributedShardedDataLoader(val_data, B, T, rank, world, args.vocab_size) if val_data else None
     start_step = 0
     if resume_from is not None:
-        state = torch.load(resume_from / "train_state.pt", map_location="cpu", weights_only=True)
+        state = read_train_state(resume_from / "train_state.pt")
         if fsdp:  # saved whole, by parameter name; each rank keeps its shard
             set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=full_state)
         else:

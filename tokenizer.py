@@ -142,7 +142,7 @@ ROLES = ("system", "user", "assistant", "ipython")
 STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 
 
-def _check_message(message, where: str) -> None:
+def check_message(message, where: str) -> None:
     if not isinstance(message, dict) or message.get("role") not in ROLES:
         got = message.get("role") if isinstance(message, dict) else type(message).__name__
         raise ValueError(f"{where}: expected a dict with 'role' one of {', '.join(ROLES)}; got {got!r}")
@@ -181,7 +181,7 @@ class ChatFormat:
         return self.encode_header(message["role"]), body
 
     def encode_message(self, message: dict) -> list[int]:
-        _check_message(message, "message")
+        check_message(message, "message")
         header, body = self._header_and_body(message)
         return header + body
 
@@ -196,7 +196,7 @@ class ChatFormat:
         to write the user's turns or the headers it is always given."""
         tokens, mask = [self.tokenizer.bos_id], [False]
         for i, message in enumerate(messages):
-            _check_message(message, f"message {i}")
+            check_message(message, f"message {i}")
             header, body = self._header_and_body(message)
             tokens += header + body
             mask += [False] * len(header) + [message["role"] == "assistant"] * len(body)
