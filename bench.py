@@ -73,7 +73,8 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
     max_seq_len = prompt_len + gen_len
     net = random_model(model, device, torch.bfloat16, max_seq_len, max(batch_sizes))
     args = net.params
-    llama = llama31.Llama(net.eval(), Tokenizer(default_tokenizer_path()), compile=compile)
+    net.eval().fuse_weights()  # as Llama.build does
+    llama = llama31.Llama(net, Tokenizer(default_tokenizer_path()), compile=compile)
     llama.tokenizer.stop_tokens = []  # random weights: every run makes exactly gen_len tokens
     weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     rows = []

@@ -203,6 +203,30 @@ def test_tied_embeddings_share_one_tensor():
     assert model.output.weight is model.tok_embeddings.weight
 
 
+def storage_bytes(model) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*model.parameters(), *model.buffers()]}
+    return sum(storages.values())
+
+
+def test_fused_weights_keep_logits_meta_names_and_memory(tiny_ckpt, llama):
+    assert llama.model.layers[0].attention.wqkv is not None  # Llama.build fuses
+    plain, _ = llama31.load_model(tiny_ckpt, None, SEQ, BATCH, torch.device("cpu"), torch.float32)
+    fused, _ = llama31.load_model(tiny_ckpt, None, SEQ, BATCH, torch.device("cpu"), torch.float32)
+    before = storage_bytes(fused)
+    fused.fuse_weights()
+    assert storage_bytes(fused) == before  # wq, wk, wv (w1, w3) are now views of the fused matrix
+    attn, ffn = fused.layers[1].attention, fused.layers[1].feed_forward
+    assert attn.wk.weight.untyped_storage().data_ptr() == attn.wqkv.untyped_storage().data_ptr()
+    assert ffn.w3.weight.untyped_storage().data_ptr() == ffn.w13.untyped_storage().data_ptr()
+    sd, ref = fused.state_dict(), plain.state_dict()
+    assert list(sd) == list(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)  # Meta's names, same values
+    tokens = random_tokens(BATCH, SEQ)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(tokens), plain(tokens), atol=1e-5, rtol=0)
+
+
 # -----------------------------------------------------------------------------
 # bad input: clear errors that name the problem
 
