@@ -151,8 +151,11 @@ def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_by
 
 
 def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, steps: int = 10,
-          compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = 989e12):
-    """Time training steps on random tokens: float32 master weights, bf16 matmuls, fused AdamW. One GPU:
+          compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = 989e12,
+          doc_len: int = 0):
+    """Time training steps on random tokens: float32 master weights, bf16 matmuls, fused AdamW.
+    --doc_len N packs documents of N tokens into each row (a BOS every N tokens), so attention runs
+    with document masking (flex attention on a GPU); 0: one document per row. One GPU:
     bf16 autocast. Under torchrun with several GPUs: FSDP2 (llama31.shard_model), built on the meta device
     and materialised shard by shard, so no GPU ever holds the whole float32 model."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -183,6 +186,8 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
     opt = llama31.configure_optimizer(net, 1e-4, 0.1, device)
     B, T = batch_size, seq_len
     x = torch.randint(0, 128000, (B, T), device=device)
+    if doc_len:
+        x[:, ::doc_len] = llama31.BOS_ID
     y = torch.randint(0, 128000, (B, T), device=device)
 
     def step():
@@ -203,7 +208,8 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, fp32 master + bf16 compute"
               f"{', FSDP2' if world > 1 else ''}{', activation checkpointing' if activation_checkpointing else ''}, "
-              f"{'compiled' if compile else 'eager'}, {torch.cuda.get_device_name()} "
+              f"{'compiled' if compile else 'eager'}{f', documents of {doc_len} tokens' if doc_len else ''}, "
+              f"{torch.cuda.get_device_name()} "
               f"(measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
         print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s per GPU | MFU {100 * mfu:.1f}% of "
               f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * llama31.flops_per_token(args, T) * tps / mm:.1f}% of measured)"

@@ -313,6 +313,41 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of logits = h @ weight.T against targets, `chunk` rows at a time, so the
+    (N, vocab_size) logits never exist whole (in float32 they would be 4 GiB for 8192 tokens of Llama 3).
+    The gradients are made in the forward pass, chunk by chunk, from softmax - one_hot (all that the
+    backward of cross-entropy needs): nothing is recomputed and no chunk is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_grad: bool):
+        # h (N, dim) in the compute dtype, weight (vocab_size, dim), targets (N,)
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.zeros_like(h) if need_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        for i in range(0, h.size(0), chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            logits = (hc @ weight.t()).float()  # (chunk, vocab_size), the matmul in the compute dtype
+            valid = tc != ignore_index
+            tc = torch.where(valid, tc, 0)
+            logsumexp = torch.logsumexp(logits, dim=-1)
+            loss += ((logsumexp - logits.gather(1, tc[:, None])[:, 0]) * valid).sum()
+            if need_grad:
+                g = torch.exp(logits - logsumexp[:, None])  # softmax
+                g[torch.arange(len(tc), device=g.device), tc] -= 1
+                g = (g * valid[:, None]).to(hc.dtype)  # d loss / d logits (chunk, vocab_size)
+                grad_h[i:i + chunk] = g @ weight.to(hc.dtype)
+                grad_weight += (g.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight = ctx.saved_tensors
+        return grad_h * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+
+
 class Transformer(nn.Module):
     def __init__(self, params: ModelArgs):
         super().__init__()
@@ -376,10 +411,15 @@ class Transformer(nn.Module):
             causal = torch.ones(inputs.size(1), inputs.size(1), dtype=torch.bool, device=inputs.device).tril()
             mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
         h = self.hidden(inputs, mask=mask)
-        logits = self.output(h).float()
+        # differs from a plain F.cross_entropy(self.output(h).float(), ...): the same loss, without the
+        # whole float32 logits (see LinearCrossEntropy)
+        weight = self.output.weight
+        if torch.is_autocast_enabled(h.device.type):  # what autocast would do to self.output(h)
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, weight = h.to(dtype), weight.to(dtype)
+        loss = LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), ignore_index, 4096,
+                                        torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
         # sum / count rather than mean, so a batch with no target at all (chat data) gives 0, not NaN
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index,
-                               reduction="sum")
         return loss / (targets != ignore_index).sum().clamp(min=1)
 
     def setup_caches(self, batch_size: int, seq_len: int):
@@ -1224,6 +1264,7 @@ def flops_per_token(args: ModelArgs, T: int) -> float:
     return 6 * n_matmul + 12 * args.n_layers * T * args.dim
 
 
+@torch.no_grad()
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DistributedShardedDataLoader, steps: int, device, autocast_ctx) -> float:
     """Mean loss over `steps` batches of the val loader from its start, averaged over ranks."""

@@ -956,6 +956,31 @@ def test_forward_loss_without_inner_bos_is_plain_causal_cross_entropy():
     assert torch.allclose(model.forward_loss(packed, y_rows01), plain01, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [7, 50, 4096])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 300, (50,), generator=g)
+    t[[3, 17, 49]] = -100
+    saved = []  # what the autograd graph keeps for the backward: never the (N, vocab) logits
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
+        loss = llama31.LinearCrossEntropy.apply(h, w, t, -100, chunk, True)
+    loss.backward()
+    assert all(shape in (h.shape, w.shape) for shape in saved)
+    got = loss.detach(), h.grad, w.grad
+    h.grad = w.grad = None
+    F.cross_entropy(h @ w.t(), t, ignore_index=-100, reduction="sum").backward()
+    torch.testing.assert_close(got[0], loss.new_tensor(F.cross_entropy(h @ w.t(), t, ignore_index=-100,
+                                                                        reduction="sum").item()),
+                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], h.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[2], w.grad, rtol=0, atol=1e-5)
+    # without gradients (eval) it computes only the loss
+    with torch.no_grad():
+        assert llama31.LinearCrossEntropy.apply(h, w, t, -100, chunk, False) == got[0]
+
+
 # -----------------------------------------------------------------------------
 # the train loop
 
