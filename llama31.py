@@ -12,6 +12,7 @@ marked "differs from Meta" says how and why.
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import math
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from tokenizer import ChatFormat, Tokenizer, check_message, default_tokenizer_path
@@ -231,6 +233,13 @@ class KVCache(nn.Module):
         return self.cache_k, self.cache_v
 
 
+@functools.cache
+def compiled_flex_attention() -> Callable:
+    """flex attention is fast only compiled (eager, it runs a reference implementation that materialises
+    the scores); compiled on first use, not at import (which would cost every command 2 s)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -262,9 +271,13 @@ class Attention(nn.Module):
         # softmax cast to float32 and back; equal within float32 rounding on the CPU
         if self.cache is not None:
             keys, values = self.cache.update(input_pos, xk, xv)
-        if self.cache is None or T > 1:
+        if isinstance(mask, BlockMask):
+            # packed documents on a GPU: flex attention computes only the blocks the document mask keeps
+            attend = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+            y = attend(xq, xk, xv, block_mask=mask, enable_gqa=gqa)
+        elif self.cache is None or T > 1:
             # training, eval, and prefill (which always starts at position 0): the new tokens attend among
-            # themselves, causally or by the document mask, through SDPA's flash / fused kernels
+            # themselves, causally or by a dense document mask, through SDPA's flash / fused kernels
             y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         else:
             # one new token attends to every cached position up to its own; later slots are masked out
@@ -313,6 +326,25 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# built eagerly, also in a compiled model: whether a row holds several documents depends on the data
+@torch.compiler.disable
+def document_mask(inputs: torch.Tensor, bos_id: int, flex: bool):
+    """The attention mask of packed rows [BOS doc1 EOS][BOS doc2 ...]: a token attends to the tokens at or
+    after the latest BOS at or before it. None when no row holds more than one document (plain causal);
+    a BlockMask for flex attention if flex, else a dense boolean mask for SDPA."""
+    if not bool((inputs[:, 1:] == bos_id).any()):
+        return None
+    doc = torch.cumsum(inputs == bos_id, dim=1)  # (B, T) index of each token's document in its row
+    B, T = inputs.shape
+    if flex:  # a block mask for flex attention: (B, 1, T/128, T/128) blocks
+
+        def same_document_causal(b, h, q, kv):
+            return (doc[b, q] == doc[b, kv]) & (q >= kv)
+        return create_block_mask(same_document_causal, B, None, T, T, device=inputs.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of logits = h @ weight.T against targets, `chunk` rows at a time, so the
     (N, vocab_size) logits never exist whole (in float32 they would be 4 GiB for 8192 tokens of Llama 3).
@@ -321,23 +353,24 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_grad: bool):
-        # h (N, dim) in the compute dtype, weight (vocab_size, dim), targets (N,)
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        grad_h = torch.zeros_like(h) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        # h (N, dim) in the compute dtype, weight (vocab_size, dim), targets (N,). Written without in-place
+        # updates: inductor (CUDA) lost the gradients that were filled in place here.
+        losses, grad_h, grad_weight = [], [], None
         for i in range(0, h.size(0), chunk):
             hc, tc = h[i:i + chunk], targets[i:i + chunk]
             logits = (hc @ weight.t()).float()  # (chunk, vocab_size), the matmul in the compute dtype
             valid = tc != ignore_index
             tc = torch.where(valid, tc, 0)
             logsumexp = torch.logsumexp(logits, dim=-1)
-            loss += ((logsumexp - logits.gather(1, tc[:, None])[:, 0]) * valid).sum()
-            if need_grad:
-                g = torch.exp(logits - logsumexp[:, None])  # softmax
-                g[torch.arange(len(tc), device=g.device), tc] -= 1
-                g = (g * valid[:, None]).to(hc.dtype)  # d loss / d logits (chunk, vocab_size)
-                grad_h[i:i + chunk] = g @ weight.to(hc.dtype)
-                grad_weight += (g.t() @ hc).float()
+            losses.append(((logsumexp - logits.gather(1, tc[:, None])[:, 0]) * valid).sum())
+            if need_grad:  # d loss / d logits = softmax - one_hot(target), zero on ignored rows
+                g = torch.exp(logits - logsumexp[:, None])
+                g = g.scatter_add(1, tc[:, None], torch.full((len(tc), 1), -1.0, dtype=g.dtype, device=g.device))
+                g = (g * valid[:, None]).to(hc.dtype)
+                grad_h.append(g @ weight.to(hc.dtype))
+                grad_weight = (g.t() @ hc).float() + (0 if grad_weight is None else grad_weight)
+        loss = torch.stack(losses).sum()
+        grad_h = torch.cat(grad_h) if need_grad else None
         ctx.save_for_backward(grad_h, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -405,11 +438,9 @@ class Transformer(nn.Module):
         masking: in a packed row [BOS doc1 EOS][BOS doc2 ...] a token attends only to tokens at or after
         the latest BOS at or before it, so doc2 is trained as if it stood alone.
         inputs, targets: (B, T)."""
-        mask = None
-        if bool((inputs[:, 1:] == bos_id).any()):  # rows holding one document keep the plain causal path
-            doc = torch.cumsum(inputs == bos_id, dim=1)  # (B, T) index of each token's document in its row
-            causal = torch.ones(inputs.size(1), inputs.size(1), dtype=torch.bool, device=inputs.device).tril()
-            mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+        # flex attention runs on GPUs (not yet fast on the CPU), for heads of 16 dimensions or more (its kernel's
+        # minimum; Llama's have 64 or 128)
+        mask = document_mask(inputs, bos_id, flex=inputs.device.type == "cuda" and self.params.head_dim >= 16)
         h = self.hidden(inputs, mask=mask)
         # differs from a plain F.cross_entropy(self.output(h).float(), ...): the same loss, without the
         # whole float32 logits (see LinearCrossEntropy)
