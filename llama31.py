@@ -470,7 +470,7 @@ class Transformer(nn.Module):
 
     def fuse_weights(self):
         """For generation: wq/wk/wv and w1/w3 each read as one matrix, so a decode step reads them in two
-        matmul kernels instead of five per layer (8B on an H200: 183 -> 208 tok/s). The model can no
+        matmul kernels instead of five per layer (8B on an H200: 183 -> 206 tok/s). The model can no
         longer be trained."""
         for layer in self.layers:
             layer.attention.fuse_weights()
@@ -968,7 +968,8 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
     """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
     train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
     a temporary name and renamed into place when whole, so a killed run leaves the whole checkpoint or
-    none, never a half-written one; an existing out_dir is refused, never overwritten. Weights are saved in the dtype they were trained in.
+    none, never a half-written one; an existing out_dir is refused, never overwritten. Weights are saved
+    in the dtype they were trained in.
     state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
     state_dict = model.state_dict() if state_dict is None else state_dict
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
@@ -1267,12 +1268,14 @@ def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, m
 
 
 def read_train_state(path: Path) -> dict:
-    """What --resume needs besides the weights: AdamW's state, each rank's loader position, the RNG, the step."""
+    """What --resume needs besides the weights: AdamW's state, each rank's loader position, the RNG and
+    the step."""
     state = load_torch_file(path, weights=False)
     rng = state.get("rng") if isinstance(state, dict) else None
     if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict)
             and isinstance(state.get("loaders"), list) and all(isinstance(s, dict) for s in state["loaders"])
-            and isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and isinstance(state.get("step"), int)):
+            and isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
+            and isinstance(state.get("step"), int)):
         raise ValueError(f"{path} is not a train state of this script (optimizer, loaders, rng, step); resume "
                          "from another step_* directory (delete this one) or start a new --out_dir")
     return state
@@ -1295,7 +1298,6 @@ def flops_per_token(args: ModelArgs, T: int) -> float:
     return 6 * n_matmul + 12 * args.n_layers * T * args.dim
 
 
-@torch.no_grad()
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DistributedShardedDataLoader, steps: int, device, autocast_ctx) -> float:
     """Mean loss over `steps` batches of the val loader from its start, averaged over ranks."""
@@ -1327,9 +1329,10 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     (default: one micro-batch per rank); gradient accumulation makes up the rest. On a GPU the weights and
     AdamW state are float32 and the matmuls bf16 (autocast); --pure_bf16 keeps everything in bf16, which
     halves that memory but loses updates smaller than bf16's resolution (about 1/256 of a weight), so
-    small learning rates stall. --grad_clip 0 turns clipping off. With several GPUs (or --fsdp) the model is sharded with FSDP2 instead of
-    replicated with DDP; --activation_checkpointing recomputes each block in the backward pass to save
-    memory. Returns the list of per-step training losses."""
+    small learning rates stall. --grad_clip 0 turns clipping off. With several GPUs (or --fsdp) the model
+    is sharded with FSDP2 instead of replicated with DDP; --activation_checkpointing recomputes each block
+    in the backward pass to save memory. --compile compiles the model (each block, under FSDP). Returns
+    the list of per-step training losses."""
     # distributed setup: one process per GPU (or CPU process) under torchrun
     ddp = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
