@@ -735,6 +735,11 @@ def read_meta_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     return args, merged
 
 
+def non_finite_keys(sd: dict) -> list:
+    """The names of the tensors in sd that hold a NaN or an infinity."""
+    return [k for k, v in sd.items() if not torch.isfinite(v).all()]
+
+
 def load_weights(model: Transformer, sd: dict, source: str, device: torch.device, dtype: torch.dtype):
     """Load sd strictly into a model built on the meta device, moving each tensor to device/dtype once."""
     if model.params.tie_word_embeddings:
@@ -974,7 +979,7 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
     state_dict = model.state_dict() if state_dict is None else state_dict
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
     # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
-    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    bad = non_finite_keys(sd)
     if bad:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
         raise FloatingPointError(f"not saving {out_dir}: the weights {bad[:4]} hold non-finite values")
     files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
@@ -1420,7 +1425,7 @@ def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, 
         net.reset_rope()  # the .to() above cast the RoPE table too; it stays float32
         net.init_weights(torch.Generator(device=device).manual_seed(seed))
     if source is not None:
-        bad = [k for k, v in net.state_dict().items() if not torch.isfinite(v).all()]
+        bad = non_finite_keys(net.state_dict())
         if bad:
             raise ValueError(f"{source} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
     args = net.params

@@ -1031,29 +1031,34 @@ def test_train_restores_signal_handlers(init_ckpt, train_data, tmp_path):
 
 
 def logged_losses(out_dir: Path) -> list:
-    lines = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
-    return [(d["step"], d["loss"], d["norm"]) for d in lines if "loss" in d]
+    return [(d["step"], d["loss"], d["norm"]) for d in log_records(out_dir) if "loss" in d]
+
+
+def train_two_and_one(init_ckpt, train_data, two_dir: Path, one_dir: Path, steps: int, device: str, timeout: float,
+                      *two_flags):
+    """The same training run as 2 processes under torchrun (into two_dir) and as 1 process with twice the
+    gradient accumulation (into one_dir), side by side; both must succeed."""
+    common = ["train", "--ckpt_dir", str(init_ckpt), "--train_data", train_data, "--val_data", "",
+              "--batch_size", str(B), "--seq_len", str(T), "--max_steps", str(steps), "--learning_rate", "1e-3",
+              "--warmup_steps", "1", "--device", device]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(HERE / "llama31.py"), *common, "--out_dir", str(two_dir), *two_flags],
+                           cwd=HERE, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = subprocess.run([sys.executable, str(HERE / "llama31.py"), *common, "--out_dir", str(one_dir),
+                          "--total_batch_size", str(2 * B * T)],
+                         cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    out = two.communicate(timeout=timeout)[0]
+    assert two.returncode == 0, out[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "grad_accum=1" in out and "2 process(es)" in out
+    assert "grad_accum=2" in one.stderr
 
 
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_two_processes_match_gradient_accumulation(init_ckpt, train_data, tmp_path, fsdp):
     """DDP, and FSDP2 (sharded float32 weights; on the CPU without bf16 casts), over 2 processes give the
     loss curve of 1 process with twice the gradient accumulation; FSDP's gathered checkpoint is the same."""
-    common = ["train", "--ckpt_dir", str(init_ckpt), "--train_data", train_data, "--val_data", "",
-              "--batch_size", str(B), "--seq_len", str(T), "--max_steps", "4", "--learning_rate", "1e-3",
-              "--warmup_steps", "1", "--device", "cpu"]
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(HERE / "llama31.py"), *common, "--out_dir", str(tmp_path / "ddp"),
-                            "--fsdp", str(fsdp)],
-                           cwd=HERE, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    single = subprocess.run([sys.executable, str(HERE / "llama31.py"), *common, "--out_dir", str(tmp_path / "one"),
-                             "--total_batch_size", str(2 * B * T)],
-                            cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    out = ddp.communicate(timeout=120)[0]
-    assert ddp.returncode == 0, out[-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert "grad_accum=1" in out and "2 process(es)" in out
-    assert "grad_accum=2" in single.stderr
+    train_two_and_one(init_ckpt, train_data, tmp_path / "ddp", tmp_path / "one", 4, "cpu", 120, "--fsdp", str(fsdp))
     a, b = logged_losses(tmp_path / "ddp"), logged_losses(tmp_path / "one")
     assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3, 4]
     for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(a, b):
@@ -1076,10 +1081,9 @@ def packed_batch(B: int, T: int, seed: int):
     return x, y
 
 
-def loss_and_grads(model, x, y, device, autocast: bool = False):
+def loss_and_grads(model, x, y, device):
     model.zero_grad(set_to_none=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(x.to(device), targets=y.to(device))
+    loss = model(x.to(device), targets=y.to(device))
     loss.backward()
     # clone: a later model.cuda() would move these very tensors
     return loss.item(), {k: p.grad.float().cpu().clone() for k, p in model.named_parameters()}
@@ -1134,18 +1138,7 @@ def test_gpu_compiled_training_equals_eager(packed):
 def test_gpu_fsdp_on_two_gpus_matches_one_gpu(init_ckpt, train_data, tmp_path):
     """FSDP2 over 2 GPUs (bf16 compute, float32 master weights) gives the loss curve of 1 GPU with twice the
     gradient accumulation (bf16 autocast); bf16 rounding allows 1e-2 relative."""
-    common = ["train", "--ckpt_dir", str(init_ckpt), "--train_data", train_data, "--val_data", "",
-              "--batch_size", str(B), "--seq_len", str(T), "--max_steps", "6", "--learning_rate", "1e-3",
-              "--warmup_steps", "1", "--device", "cuda"]
-    fsdp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "llama31.py"), *common, "--out_dir", str(tmp_path / "fsdp")],
-                          cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    single = subprocess.run([sys.executable, str(HERE / "llama31.py"), *common, "--out_dir", str(tmp_path / "one"),
-                             "--total_batch_size", str(2 * B * T)],
-                            cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert "2 process(es)" in fsdp.stderr and "grad_accum=2" in single.stderr
+    train_two_and_one(init_ckpt, train_data, tmp_path / "fsdp", tmp_path / "one", 6, "cuda", 300)  # FSDP by default
     a, b = logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "one")
     assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3, 4, 5, 6]
     assert [loss for _, loss, _ in a] == pytest.approx([loss for _, loss, _ in b], rel=1e-2)
@@ -1165,16 +1158,11 @@ def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
 
     # the loader position saved at step 3 is that of a loader after 3 batches, and B ended where A did
     state3 = torch.load(a_dir / "step_000003" / "train_state.pt", weights_only=True)
-    fresh = loader(train_data, B, T)
-    for _ in range(3):
-        fresh.next_batch()
-    assert state3["step"] == 3 and state3["loaders"] == [fresh.state_dict()]
+    assert state3["step"] == 3 and state3["loaders"] == fresh_loader_states(train_data, 3, 1)
     state_a = torch.load(a_dir / "step_000006" / "train_state.pt", weights_only=True)
     state_b = torch.load(b_dir / "step_000006" / "train_state.pt", weights_only=True)
     assert state_a["loaders"] == state_b["loaders"] and state_a["step"] == state_b["step"] == 6
-    wa = torch.load(a_dir / "step_000006" / "consolidated.00.pth", weights_only=True)
-    wb = torch.load(b_dir / "step_000006" / "consolidated.00.pth", weights_only=True)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_weights(a_dir / "step_000006", b_dir / "step_000006")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -1370,7 +1358,7 @@ def fresh_loader_states(train_data: str, steps: int, world: int) -> list:
     """Where each rank's loader stands after `steps` batches."""
     out = []
     for rank in range(world):
-        ld = llama31.DistributedShardedDataLoader(train_data, B, T, rank, world, VOCAB)
+        ld = loader(train_data, B, T, rank, world)
         for _ in range(steps):
             ld.next_batch()
         out.append(ld.state_dict())
@@ -1951,6 +1939,24 @@ def test_params_json_wrong_type_or_missing_key_is_a_value_error(tmp_path, good_p
         load(path)
 
 
+def with_changes(d: dict, changes: dict) -> dict:
+    """d with each key of changes set to its value, or removed where that value is None."""
+    out = dict(d)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return out
+
+
+def assert_shapes_of_tiny(a: llama31.ModelArgs):
+    """a describes weights of tiny_args()'s shapes."""
+    b = tiny_args()
+    assert (a.dim, a.n_layers, a.n_kv_heads * a.head_dim, a.hidden_dim) == (b.dim, b.n_layers,
+                                                                             b.n_kv_heads * b.head_dim, b.hidden_dim)
+
+
 @fuzz(60)
 @given(changes=st.dictionaries(
     st.sampled_from(["dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "norm_eps",
@@ -1959,12 +1965,7 @@ def test_params_json_wrong_type_or_missing_key_is_a_value_error(tmp_path, good_p
     | st.lists(st.integers(), max_size=2), min_size=1, max_size=3),
     text=st.none() | st.text(max_size=20))
 def test_params_json_fuzz_loads_or_is_a_value_error(tmp_path, good_pth, cached_tokenizer, changes, text):
-    params = dict(PARAMS)
-    for k, v in changes.items():
-        if v is None:
-            params.pop(k, None)
-        else:
-            params[k] = v
+    params = with_changes(PARAMS, changes)
     path = write_ckpt(tmp_path / "ckpt", text if text is not None else params, good_pth)
     try:
         model, _ = load(path)
@@ -1972,9 +1973,7 @@ def test_params_json_fuzz_loads_or_is_a_value_error(tmp_path, good_pth, cached_t
         return
     # what loads describes this very model: the given keys, and the shapes of the weights
     assert all(getattr(model.params, k) == v for k, v in params.items())
-    a, b = model.params, tiny_args()
-    assert (a.dim, a.n_layers, a.n_kv_heads * a.head_dim, a.hidden_dim) == (b.dim, b.n_layers,
-                                                                             b.n_kv_heads * b.head_dim, b.hidden_dim)
+    assert_shapes_of_tiny(model.params)
 
 
 with torch.device("meta"):
@@ -2073,20 +2072,13 @@ HF_KEYS = ["hidden_size", "num_attention_heads", "num_key_value_heads", "num_hid
     min_size=1, max_size=3),
     text=st.none() | st.text(max_size=20))
 def test_hf_config_fuzz_loads_or_is_a_value_error(tmp_path, hf_dir, cached_tokenizer, changes, text):
-    config = json.loads((hf_dir / "config.json").read_text())
-    for k, v in changes.items():
-        if v is None:
-            config.pop(k, None)
-        else:
-            config[k] = v
+    config = with_changes(json.loads((hf_dir / "config.json").read_text()), changes)
     path = write_hf(tmp_path / "hf", text if text is not None else config, hf_dir)
     try:
         model, _ = load(path)
     except ValueError:
         return
-    a, b = model.params, tiny_args()  # what loads is the model in the weights
-    assert (a.dim, a.n_layers, a.n_kv_heads * a.head_dim, a.hidden_dim) == (b.dim, b.n_layers,
-                                                                             b.n_kv_heads * b.head_dim, b.hidden_dim)
+    assert_shapes_of_tiny(model.params)  # what loads is the model in the weights
 
 
 HF_SD_KEYS = [llama31.hf_name(k) for k in SD_KEYS]
