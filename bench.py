@@ -151,7 +151,7 @@ def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_by
 
 
 def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, steps: int = 10,
-          compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = 989e12,
+          compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = llama31.PEAK_FLOPS,
           doc_len: int = 0):
     """Time training steps on random tokens: float32 master weights, bf16 matmuls, fused AdamW.
     --doc_len N packs documents of N tokens into each row (a BOS every N tokens), so attention runs

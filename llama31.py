@@ -42,6 +42,13 @@ from tokenizer import ChatFormat, Tokenizer, check_message, default_tokenizer_pa
 # -----------------------------------------------------------------------------
 # config and presets
 
+VOCAB_SIZE = 128256  # the Llama 3 tokenizer's, shared by every Llama 3.x text model
+BOS_ID = 128000  # <|begin_of_text|> of the Llama 3 tokenizer: where a document starts in packed training data
+IGNORE_INDEX = -100  # a training target the loss skips (F.cross_entropy's convention)
+
+# keys that some params.json files carry and that change nothing here
+PARAMS_IGNORED = {"max_seq_len", "max_batch_size"}
+
 
 @dataclass
 class ModelArgs:
@@ -50,7 +57,7 @@ class ModelArgs:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # None means n_heads (no grouped-query attention)
-    vocab_size: int = 128256
+    vocab_size: int = VOCAB_SIZE
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
@@ -73,30 +80,7 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model argument {name}={value!r} must be a positive integer")
-        for name in ("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                     "rope_old_context_len", "ffn_dim_multiplier", "ffn_hidden_dim"):
-            value = getattr(self, name)
-            if value is None and name.startswith("ffn_"):
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise ValueError(f"model argument {name}={value!r} must be a positive number")
-            if name == "ffn_hidden_dim" and not isinstance(value, int):
-                raise ValueError(f"model argument ffn_hidden_dim={value!r} must be a positive integer")
-        for name in ("use_scaled_rope", "tie_word_embeddings"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"model argument {name}={getattr(self, name)!r} must be true or false")
-        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
-            raise ValueError(f"model arguments rope_high_freq_factor={self.rope_high_freq_factor} must be larger "
-                             f"than rope_low_freq_factor={self.rope_low_freq_factor}")
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(
-                f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not fit together: "
-                "dim must split into n_heads heads of even size, and n_heads must be a multiple of n_kv_heads"
-            )
+        self.check()
 
     @property
     def head_dim(self) -> int:
@@ -141,11 +125,31 @@ class ModelArgs:
                 del params[k]
         return params
 
+    def check(self):
+        """Every field's type and range, and that the shapes fit together: a wrong params.json or
+        config.json fails here, naming the value, not as a shape error deep inside the model."""
+        optional = ("ffn_dim_multiplier", "ffn_hidden_dim")  # None: derived from dim and multiple_of
+        for names, kind in ((("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                               "ffn_hidden_dim"), "integer"),
+                            (("norm_eps", "rope_theta", "rope_scale_factor", "rope_low_freq_factor",
+                              "rope_high_freq_factor", "rope_old_context_len", "ffn_dim_multiplier"), "number")):
+            for name in names:
+                value = getattr(self, name)
+                if not (value is None and name in optional):
+                    check_number(f"model argument {name}={value!r}", value, lambda v: 0 < v < math.inf,
+                                 f"a positive {kind}", integer=kind == "integer")
+        for name in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model argument {name}={getattr(self, name)!r} must be true or false")
+        if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError(f"model arguments rope_high_freq_factor={self.rope_high_freq_factor} must be larger "
+                             f"than rope_low_freq_factor={self.rope_low_freq_factor}")
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads} do not fit together: "
+                "dim must split into n_heads heads of even size, and n_heads must be a multiple of n_kv_heads"
+            )
 
-BOS_ID = 128000  # <|begin_of_text|> of the Llama 3 tokenizer: where a document starts in packed training data
-
-# keys that some params.json files carry and that change nothing here
-PARAMS_IGNORED = {"max_seq_len", "max_batch_size"}
 
 # the published text models' shapes (Meta's params.json), and a small one for demos and tests
 PRESETS = {  # all use Llama 3.1's scaled RoPE (use_scaled_rope=True, added below)
@@ -167,6 +171,60 @@ def preset(name: str, **runtime) -> ModelArgs:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelArgs(**PRESETS[name], use_scaled_rope=True, **runtime)
+
+
+# -----------------------------------------------------------------------------
+# utilities: rank-0 printing, device and dtype, JSON, flag checks
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, so torchrun does not repeat every line N times"""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+def pick_device(device: Optional[str] = None) -> torch.device:
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")  # the one place the device is named
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if gpu_bf16 else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def check_number(label: str, value, ok: Callable[[float], bool], what: str, integer: bool = False):
+    """Raise ValueError(f"{label} must be {what}") unless value is a number (an int where integer) for which
+    ok(value) holds. A bool is no number here, though Python counts it as an int."""
+    kinds = int if integer else (int, float)
+    if not isinstance(value, kinds) or isinstance(value, bool) or not ok(value):
+        raise ValueError(f"{label} must be {what}")
 
 
 # -----------------------------------------------------------------------------
@@ -432,7 +490,7 @@ class Transformer(nn.Module):
             return self.forward_loss(tokens, targets)
         return self.output(self.hidden(tokens, input_pos)).float()
 
-    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+    def forward_loss(self, inputs: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                      bos_id: int = BOS_ID) -> torch.Tensor:
         """Mean next-token cross-entropy over the targets that are not ignore_index, with document
         masking: in a packed row [BOS doc1 EOS][BOS doc2 ...] a token attends only to tokens at or after
@@ -479,6 +537,8 @@ class Transformer(nn.Module):
 
 # -----------------------------------------------------------------------------
 # generation: prefill, decode step, sampling, text and chat completion
+
+TEMPERATURE, TOP_P = 0.6, 0.9  # the sampling defaults of Meta's example scripts
 
 
 def prefill(model: Transformer, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -532,7 +592,8 @@ class Llama:
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         t0 = time.time()
-        model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype)
+        model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
+                                      max_batch_size=max_batch_size, device=device, dtype=dtype)
         print0(f"loaded {ckpt_dir} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
                f"{dtype}, {device}) in {time.time() - t0:.1f}s", file=sys.stderr)
         model.eval().fuse_weights()
@@ -545,8 +606,8 @@ class Llama:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
 
     @torch.inference_mode()
-    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
-                 top_p: float = 0.9, echo: bool = False, sample_rng: Optional[torch.Generator] = None,
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = TEMPERATURE,
+                 top_p: float = TOP_P, echo: bool = False, sample_rng: Optional[torch.Generator] = None,
                  on_token: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> list[list[int]]:
         """Complete a batch of token lists of different lengths, each stopping at its first stop token.
         Returns the new tokens of each prompt (with the prompt too if echo), without the stop token.
@@ -611,71 +672,68 @@ class Llama:
         return out
 
     def text_completion(self, prompts: list[str], sample_rng: Optional[torch.Generator] = None,
-                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        temperature: float = TEMPERATURE, top_p: float = TOP_P, max_gen_len: Optional[int] = None,
                         echo: bool = False) -> list[dict]:
         """Complete each prompt (a base model's task). Returns [{"generation": str}, ...]."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
-        out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, echo, sample_rng)
+        out = self.generate(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, echo=echo,
+                            sample_rng=sample_rng)
         return [{"generation": self.tokenizer.decode(t)} for t in out]
 
     def chat_completion(self, dialogs: list[list[dict]], sample_rng: Optional[torch.Generator] = None,
-                        temperature: float = 0.6, top_p: float = 0.9, max_gen_len: Optional[int] = None,
+                        temperature: float = TEMPERATURE, top_p: float = TOP_P, max_gen_len: Optional[int] = None,
                         on_token=None) -> list[dict]:
         """Answer each dialog (a list of {"role", "content"} messages) as the assistant (an Instruct
         model's task). Returns [{"generation": {"role": "assistant", "content": str}}, ...]."""
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.formatter.encode_dialog_prompt(d) for d in dialogs]
-        out = self.generate(prompt_tokens, max_gen_len, temperature, top_p, False, sample_rng, on_token)
+        out = self.generate(prompt_tokens, max_gen_len, temperature=temperature, top_p=top_p, sample_rng=sample_rng,
+                            on_token=on_token)
         return [{"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}} for t in out]
 
 
 # -----------------------------------------------------------------------------
-# checkpoint loading and saving (Meta and Hugging Face formats)
+# checkpoint loading and saving (Meta's format)
 
 
-def print0(*args, **kwargs):
-    """print on rank 0 only, so torchrun does not repeat every line N times"""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, **kwargs)
+def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
+               max_batch_size: int = 1, device: torch.device = torch.device("cpu"),
+               dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+    """The model and tokenizer of a Meta checkpoint directory (params.json + consolidated.NN.pth) or a
+    Hugging Face one (config.json + safetensors), built on the meta device and loaded strictly, each weight
+    moved to device once. max_seq_len / max_batch_size size the RoPE table and KV caches.
+    dtype: the weights' dtype on device; None keeps the checkpoint's own (convert does). Llama.build and
+    the commands choose it with pick_dtype (bfloat16 on a GPU that has it, else float32); train uses its
+    master dtype."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist (or is not a directory)")
+    if not any(ckpt_dir.iterdir()):
+        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} is empty: expected params.json and "
+                                "consolidated.00.pth (Meta) or config.json and *.safetensors (Hugging Face)")
+    runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    is_hf = (ckpt_dir / "config.json").exists()
+    args, sd = (read_hf_checkpoint if is_hf else read_meta_checkpoint)(ckpt_dir, **runtime)
+    tokenizer = Tokenizer(resolve_tokenizer_path(ckpt_dir, tokenizer_path))
+    if args.vocab_size != tokenizer.n_words:
+        raise ValueError(f"{ckpt_dir} has vocab_size={args.vocab_size} but the tokenizer has {tokenizer.n_words} "
+                         "tokens; pass the checkpoint's own --tokenizer_path")
+    with torch.device("meta"):
+        model = Transformer(args)
+    load_weights(model, sd, str(ckpt_dir), device, dtype)
+    return model, tokenizer
 
 
-def pick_device(device: Optional[str] = None) -> torch.device:
-    if device is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")  # the one place the device is named
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was asked for, but this PyTorch sees no CUDA GPU; use --device cpu")
-    return device
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+def resolve_tokenizer_path(ckpt_dir: Optional[Path], tokenizer_path: Optional[str]) -> Path:
+    """--tokenizer_path, else the checkpoint's own tokenizer.model (Meta's download and our checkpoints
+    bring one), else the one shipped in the llama-models package."""
+    if tokenizer_path is not None:
+        return Path(tokenizer_path)
+    local = Path(ckpt_dir) / "tokenizer.model" if ckpt_dir is not None else None
+    return local if local is not None and local.exists() else default_tokenizer_path()
 
 
 def load_torch_file(path, weights: bool = True):
@@ -741,7 +799,8 @@ def non_finite_keys(sd: dict) -> list:
 
 
 def load_weights(model: Transformer, sd: dict, source: str, device: torch.device, dtype: torch.dtype):
-    """Load sd strictly into a model built on the meta device, moving each tensor to device/dtype once."""
+    """Load sd strictly into a model built on the meta device, moving each tensor to device (and to dtype,
+    unless None: see load_model) once."""
     if model.params.tie_word_embeddings:
         sd.pop("output.weight", None)  # the same tensor as the embedding
         sd["output.weight"] = sd.get("tok_embeddings.weight")
@@ -757,12 +816,79 @@ def load_weights(model: Transformer, sd: dict, source: str, device: torch.device
             raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, but the config implies {tuple(t.shape)}")
         if not sd[k].is_floating_point():
             raise ValueError(f"{source}: {k} has dtype {sd[k].dtype}; weights must be floating point")
-    # dtype None keeps the checkpoint's own (convert)
     model.load_state_dict({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}, strict=True,
                           assign=True)
     if model.params.tie_word_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]):
+    """write(tmp) then rename onto path: a reader (or a run killed mid-write) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_dir_atomically(out_dir: Path, files: dict):
+    """Write each files[name](path) into a temporary directory beside out_dir, fsync, then rename it to
+    out_dir: a reader never sees a half-written directory. An existing out_dir is never replaced: one
+    directory cannot be swapped for another in one atomic rename, and a crash between two renames would
+    leave neither under its name."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} already exists; choose another output directory or remove it first")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+            with open(tmp / name, "rb+") as f:
+                os.fsync(f.fileno())
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp)  # a failed write (disk full, interrupt) leaves nothing behind
+        raise
+    parent = os.open(out_dir.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
+
+
+def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, extra: Optional[dict] = None,
+                    state_dict: Optional[dict] = None):
+    """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
+    train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
+    a temporary name and renamed into place when whole, so a killed run leaves the whole checkpoint or
+    none, never a half-written one; an existing out_dir is refused, never overwritten. Weights are saved
+    in the dtype they were trained in.
+    state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
+    # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
+    bad = non_finite_keys(sd)
+    if bad:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
+        raise FloatingPointError(f"not saving {out_dir}: the weights {bad[:4]} hold non-finite values")
+    files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
+             "consolidated.00.pth": lambda p: torch.save(sd, p),
+             "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)}
+    if extra is not None:
+        files["train_state.pt"] = lambda p: torch.save(extra, p)
+    write_dir_atomically(out_dir, files)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoints and convert
 
 
 # Hugging Face's names for Meta's weights; q and k are also permuted (see hf_permute)
@@ -806,9 +932,13 @@ def meta_ffn_args(dim: int, width: int) -> dict:
 def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     """A transformers LlamaForCausalLM directory: config.json + model.safetensors (or shards listed in
     model.safetensors.index.json), turned into Meta's layout and names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = ckpt_dir / "config.json"
+    args = hf_model_args(ckpt_dir / "config.json", **runtime)
+    return args, read_hf_weights(ckpt_dir, args)
+
+
+def hf_model_args(path: Path, **runtime) -> ModelArgs:
+    """ModelArgs from a transformers config.json of a Llama model. `runtime` sets max_seq_len /
+    max_batch_size."""
     config = read_json(path)
     if not isinstance(config, dict) or config.get("model_type") != "llama":
         found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
@@ -843,6 +973,14 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
         raise ValueError(f"{path} lacks the key {e}") from None
     except TypeError as e:
         raise ValueError(f"{path} has a value of the wrong type ({e})") from None
+    return args
+
+
+def read_hf_weights(ckpt_dir: Path, args: ModelArgs) -> dict:
+    """The weights of model.safetensors (or the shards its index lists) under Meta's names and layout (q and k
+    permuted back to Meta's RoPE pairing), each checked against the shape args implies."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
     index = ckpt_dir / "model.safetensors.index.json"
     weight_map = read_json(index) if index.exists() else {"weight_map": {"*": "model.safetensors"}}
     weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -877,7 +1015,7 @@ def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
     if hf:
         raise ValueError(f"{ckpt_dir} holds weights this model does not have: {sorted(hf)[:8]}")
-    return args, sd
+    return sd
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -907,7 +1045,7 @@ def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optiona
     if to not in ("hf", "meta"):
         raise ValueError(f"--to {to!r} must be hf or meta")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    model, _ = load_model(ckpt_dir, tokenizer_path, 2048, 1, torch.device("cpu"), None)
+    model, _ = load_model(ckpt_dir, tokenizer_path)  # on the CPU, in the checkpoint's dtype
     if to == "meta":
         save_checkpoint(model, out_dir, resolve_tokenizer_path(ckpt_dir, tokenizer_path))
         return
@@ -923,99 +1061,6 @@ def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optiona
                                                            indent=2)),
         "model.safetensors": lambda p: save_file(hf, p, metadata={"format": "pt"}),
         "tokenizer.model": lambda p: shutil.copyfile(resolve_tokenizer_path(ckpt_dir, tokenizer_path), p)})
-
-
-def resolve_tokenizer_path(ckpt_dir: Optional[Path], tokenizer_path: Optional[str]) -> Path:
-    """--tokenizer_path, else the checkpoint's own tokenizer.model (Meta's download and our checkpoints
-    bring one), else the one shipped in the llama-models package."""
-    if tokenizer_path is not None:
-        return Path(tokenizer_path)
-    local = Path(ckpt_dir) / "tokenizer.model" if ckpt_dir is not None else None
-    return local if local is not None and local.exists() else default_tokenizer_path()
-
-
-def load_model(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype) -> tuple[Transformer, Tokenizer]:
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist (or is not a directory)")
-    if not any(ckpt_dir.iterdir()):
-        raise FileNotFoundError(f"checkpoint directory {ckpt_dir} is empty: expected params.json and "
-                                "consolidated.00.pth (Meta) or config.json and *.safetensors (Hugging Face)")
-    runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    is_hf = (ckpt_dir / "config.json").exists()
-    args, sd = (read_hf_checkpoint if is_hf else read_meta_checkpoint)(ckpt_dir, **runtime)
-    tokenizer = Tokenizer(resolve_tokenizer_path(ckpt_dir, tokenizer_path))
-    if args.vocab_size != tokenizer.n_words:
-        raise ValueError(f"{ckpt_dir} has vocab_size={args.vocab_size} but the tokenizer has {tokenizer.n_words} "
-                         "tokens; pass the checkpoint's own --tokenizer_path")
-    with torch.device("meta"):
-        model = Transformer(args)
-    load_weights(model, sd, str(ckpt_dir), device, dtype)
-    return model, tokenizer
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]):
-    """write(tmp) then rename onto path: a reader (or a run killed mid-write) never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, extra: Optional[dict] = None,
-                    state_dict: Optional[dict] = None):
-    """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
-    train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
-    a temporary name and renamed into place when whole, so a killed run leaves the whole checkpoint or
-    none, never a half-written one; an existing out_dir is refused, never overwritten. Weights are saved
-    in the dtype they were trained in.
-    state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
-    # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
-    bad = non_finite_keys(sd)
-    if bad:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
-        raise FloatingPointError(f"not saving {out_dir}: the weights {bad[:4]} hold non-finite values")
-    files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
-             "consolidated.00.pth": lambda p: torch.save(sd, p),
-             "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)}
-    if extra is not None:
-        files["train_state.pt"] = lambda p: torch.save(extra, p)
-    write_dir_atomically(out_dir, files)
-
-
-def write_dir_atomically(out_dir: Path, files: dict):
-    """Write each files[name](path) into a temporary directory beside out_dir, fsync, then rename it to
-    out_dir: a reader never sees a half-written directory. An existing out_dir is never replaced: one
-    directory cannot be swapped for another in one atomic rename, and a crash between two renames would
-    leave neither under its name."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists; choose another output directory or remove it first")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        for name, write in files.items():
-            write(tmp / name)
-            with open(tmp / name, "rb+") as f:
-                os.fsync(f.fileno())
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp)  # a failed write (disk full, interrupt) leaves nothing behind
-        raise
-    parent = os.open(out_dir.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)
 
 
 # -----------------------------------------------------------------------------
@@ -1066,7 +1111,7 @@ class DistributedShardedDataLoader:
     would run past the end of a shard it continues in the next shard (cycling) at its own offset."""
 
     def __init__(self, filename_pattern: str, B: int, T: int, process_rank: int = 0, num_processes: int = 1,
-                 vocab_size: int = 128256):
+                 vocab_size: int = VOCAB_SIZE):
         self.files = sorted(glob.glob(filename_pattern))
         if not self.files:
             raise FileNotFoundError(f"no data shard matches {filename_pattern!r}; create some with "
@@ -1095,12 +1140,12 @@ class DistributedShardedDataLoader:
         self.tokens = self.shards[self.shard]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y: (B, T) int64; y is x shifted by one, with -100 where the token is not a training target."""
+        """x, y: (B, T) int64; y is x shifted by one, with IGNORE_INDEX where the token is not a training target."""
         B, T = self.B, self.T
         buf = torch.from_numpy(self.tokens[self.position: self.position + B * T + 1].astype(np.int64))
         ids = buf & (NOT_A_TARGET - 1)
         x = ids[:-1].view(B, T)
-        y = torch.where(buf[1:] >= NOT_A_TARGET, -100, ids[1:]).view(B, T)
+        y = torch.where(buf[1:] >= NOT_A_TARGET, IGNORE_INDEX, ids[1:]).view(B, T)
         self.position += B * T * self.world
         # all ranks move on together, when the whole next step (not just this rank's slice) would not fit
         if self.position - B * T * self.rank + B * T * self.world + 1 > len(self.tokens):
@@ -1240,6 +1285,100 @@ def tinystories(out_dir: str = "data/tinystories", url: str = TINYSTORIES_URL, m
 # training: optimizer, schedule, loop, eval, checkpointing
 
 
+PEAK_FLOPS = 989e12  # dense bf16 matmul peak of an H100 / H200 SXM (989 TFLOP/s): what MFU is a fraction of
+FULL_STATE_DICT = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP saves whole, on rank 0's CPU
+
+
+@dataclass
+class Run:
+    """Where this process trains: its rank among world processes, its device, how the model is spread
+    ("ddp": replicated, "fsdp": sharded, None: one process), and the signals received so far."""
+    rank: int
+    world: int
+    device: torch.device
+    strategy: Optional[str]
+    stop_signals: list
+
+
+@contextlib.contextmanager
+def distributed(device: Optional[str], fsdp: Optional[bool]):
+    """Set up one process of a run (under torchrun one per GPU, or per CPU process): the process group over
+    NCCL (GPUs) or gloo (CPU), and SIGTERM / SIGINT handlers that only note the signal, so the loop can
+    finish its step, save and exit cleanly. Both are undone on the way out, also after an error."""
+    torchrun = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(device)
+    if fsdp is None:  # several GPUs: shard the model (FSDP2) rather than replicate it (DDP)
+        fsdp = torchrun and world > 1 and device.type == "cuda"
+    if fsdp and not torchrun:
+        raise ValueError("--fsdp needs several processes: start with torchrun --nproc_per_node N")
+    if torchrun:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    stop_signals = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield Run(rank, world, device, "fsdp" if fsdp else "ddp" if torchrun else None, stop_signals)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if torchrun:
+            dist.destroy_process_group()
+
+
+def check_train_flags(**flags):
+    """Every numeric flag of train, by name, before any work: a bad value fails here, not deep in a step."""
+    at_least = dict(batch_size=1, seq_len=1, max_steps=1, val_steps=1, max_bad_steps=1, sample_len=1,
+                    warmup_steps=0, val_every=0, sample_every=0, save_every=0, seed=0)
+    for flag, low in at_least.items():
+        check_number(f"--{flag} {flags[flag]!r}", flags[flag], lambda v: v >= low, f"an integer >= {low}",
+                     integer=True)
+    in_range = dict(
+        # an AdamW learning rate above 1 is never meant, and near float32's limit the update overflows
+        learning_rate=(lambda v: 0 < v <= 1, "in (0, 1]"), min_lr_frac=(lambda v: 0 <= v <= 1, "in [0, 1]"),
+        weight_decay=(lambda v: 0 <= v <= 1, "in [0, 1]"),
+        grad_clip=(lambda v: 0 <= v < math.inf, ">= 0 (0 turns clipping off)"),
+        peak_flops=(lambda v: 0 < v < math.inf, "above 0"))
+    for flag, (ok, what) in in_range.items():
+        check_number(f"--{flag} {flags[flag]!r}", flags[flag], ok, f"a number {what}")
+
+
+def prepare_out_dir(out_dir: Path, resume: bool):
+    """Rank 0, before the model or data are read: out_dir exists and is writable, holds no other run's
+    checkpoints unless resuming, and no save cut short by a kill."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"--out_dir {out_dir} is not writable")
+    if not resume and latest_checkpoint(out_dir) is not None:
+        raise ValueError(f"--out_dir {out_dir} already holds checkpoints ({latest_checkpoint(out_dir).name}); "
+                         "pass --resume to continue that run, or choose another --out_dir")
+    for stale in out_dir.glob(".step_*.tmp*"):  # a save cut short by a kill: never a checkpoint
+        shutil.rmtree(stale)
+
+
+def build_train_model(source: Optional[Path], preset_name: str, tokenizer_file: Path, seq_len: int,
+                      n_prompts: int, device: torch.device, dtype: torch.dtype,
+                      seed: int) -> tuple[Transformer, Tokenizer]:
+    """The model to train: a checkpoint's (to finetune, or ours to resume), else a preset from scratch."""
+    if source is None:
+        tokenizer = Tokenizer(tokenizer_file)
+        model = Transformer(preset(preset_name, max_seq_len=seq_len, max_batch_size=n_prompts))
+        model = model.to(device=device, dtype=dtype)
+        model.reset_rope()  # the .to() above cast the RoPE table too; it stays float32
+        model.init_weights(torch.Generator(device=device).manual_seed(seed))
+        return model, tokenizer
+    model, tokenizer = load_model(source, tokenizer_file, max_seq_len=seq_len, max_batch_size=n_prompts,
+                                  device=device, dtype=dtype)
+    bad = non_finite_keys(model.state_dict())
+    if bad:
+        raise ValueError(f"{source} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
+    return model, tokenizer
+
+
 def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, device: torch.device):
     """AdamW with weight decay on the 2-D weights (matmuls, embedding) only, not on the norms;
     the fused kernel on a GPU."""
@@ -1264,6 +1403,17 @@ def shard_model(model: Transformer, param_dtype: torch.dtype, compile: bool) -> 
     return model
 
 
+def wrap_model(model: Transformer, run: Run, compile: bool, compute_dtype: torch.dtype) -> nn.Module:
+    """What the loop calls: the model sharded (FSDP2, in place) or replicated (DDP) across ranks, and
+    compiled if asked. `model` itself stays the one to save, clip and optimise."""
+    if run.strategy == "fsdp":
+        return shard_model(model, compute_dtype, compile)
+    net = torch.compile(model) if compile else model
+    if run.strategy == "ddp":
+        net = DDP(net, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    return net
+
+
 def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, min_lr_frac: float) -> float:
     """Linear warmup over warmup_steps, then cosine decay to min_lr_frac * learning_rate at max_steps."""
     if step < warmup_steps:
@@ -1272,38 +1422,32 @@ def get_lr(step: int, max_steps: int, learning_rate: float, warmup_steps: int, m
     return learning_rate * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress_)))
 
 
-def read_train_state(path: Path) -> dict:
-    """What --resume needs besides the weights: AdamW's state, each rank's loader position, the RNG and
-    the step."""
-    state = load_torch_file(path, weights=False)
-    rng = state.get("rng") if isinstance(state, dict) else None
-    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict)
-            and isinstance(state.get("loaders"), list) and all(isinstance(s, dict) for s in state["loaders"])
-            and isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
-            and isinstance(state.get("step"), int)):
-        raise ValueError(f"{path} is not a train state of this script (optimizer, loaders, rng, step); resume "
-                         "from another step_* directory (delete this one) or start a new --out_dir")
-    return state
+class Batches:
+    """The loader's batches on the device, one fetched ahead: prefetch(), called while the GPU runs a forward
+    pass, copies the next batch from pinned memory asynchronously (nanoGPT: "immediately async prefetch next
+    batch while model is doing the forward pass on the GPU"). loader_state is the loader's position before
+    the batch not yet used: what a checkpoint resumes from."""
+
+    def __init__(self, loader: DistributedShardedDataLoader, device: torch.device, fixed: bool = False):
+        self.loader, self.device, self.pending = loader, device, None
+        self.fixed = self.fetch() if fixed else None  # --overfit_single_batch: one batch, again and again
+        self.loader_state = loader.state_dict()
+
+    def fetch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pin = self.device.type == "cuda"  # only a copy from pinned memory runs asynchronously
+        return tuple(t.pin_memory().to(self.device, non_blocking=True) if pin else t.to(self.device)
+                     for t in self.loader.next_batch())
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, self.pending = self.fixed or self.pending or self.fetch(), None
+        return batch
+
+    def prefetch(self):
+        self.loader_state = self.loader.state_dict()
+        if self.fixed is None:
+            self.pending = self.fetch()
 
 
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The newest complete step_NNNNNN directory (incomplete ones live under a temporary name)."""
-    steps = [p for p in out_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]  # not step_000002_backup
-    steps.sort(key=lambda p: int(p.name.removeprefix("step_")))
-    return steps[-1] if steps else None
-
-
-def flops_per_token(args: ModelArgs, T: int) -> float:
-    """Training FLOPs per token, as nanoGPT counts them: 6 per parameter in the matmuls (2 forward, 4
-    backward), plus attention's score and value matmuls, 6 * 2 * n_layers * T * dim (counted over the
-    full T x T square, as PaLM's MFU does, though the causal half is skipped by flash attention)."""
-    n_matmul = args.n_layers * (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-                                + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.hidden_dim)
-    n_matmul += args.dim * args.vocab_size  # the output layer (the embedding lookup is no matmul)
-    return 6 * n_matmul + 12 * args.n_layers * T * args.dim
-
-
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DistributedShardedDataLoader, steps: int, device, autocast_ctx) -> float:
     """Mean loss over `steps` batches of the val loader from its start, averaged over ranks."""
     model.eval()
@@ -1319,6 +1463,189 @@ def evaluate(model: nn.Module, loader: DistributedShardedDataLoader, steps: int,
     return total.item() / steps
 
 
+def train_step(net: nn.Module, model: Transformer, optimizer, batches: Batches, grad_accum: int, run: Run,
+               grad_clip: float, autocast_ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step's gradients, over grad_accum micro-batches: returns the mean loss (averaged
+    over ranks too) and the gradient norm before clipping. The caller applies or skips the update."""
+    loss_accum = torch.zeros((), device=run.device)
+    for micro_step in range(grad_accum):
+        x, y = batches.get()
+        # gradients are reduced across ranks only on the last micro-step: the earlier ones just accumulate
+        # locally (DDP's documented way is the no_sync() context manager; the flag says the same in one line)
+        last = micro_step == grad_accum - 1
+        if run.strategy == "ddp":
+            net.require_backward_grad_sync = last
+        elif run.strategy == "fsdp":
+            net.set_requires_gradient_sync(last)
+        with autocast_ctx:
+            # the gradients of successive backward() calls add up, i.e. a SUM over micro-batches; we want
+            # their MEAN, so each micro-batch's loss is scaled by 1 / grad_accum here
+            loss = net(x, targets=y) / grad_accum
+        batches.prefetch()  # the CPU fetches the next batch while the GPU runs this forward pass
+        loss_accum += loss.detach()
+        loss.backward()
+    if dist.is_initialized():
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)  # for the log: the loss over every rank's rows
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if run.strategy == "fsdp":
+        norm = norm.full_tensor()  # a DTensor: the norm over every rank's shards
+    return loss_accum, norm
+
+
+def sample_during_training(model: Transformer, tokenizer: Tokenizer, prompts: tuple, max_gen_len: int, seed: int,
+                           autocast_ctx):
+    """Print a completion of each prompt from the model as it is now (rank 0, the whole model)."""
+    model.eval()
+    rng = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+    with autocast_ctx:
+        outs = Llama(model, tokenizer).text_completion(list(prompts), rng, temperature=0.8, top_p=0.95,
+                                                        max_gen_len=max_gen_len)
+    for p, o in zip(prompts, outs):
+        print0(f"  sample: {p}{o['generation']!r}")
+    model.train()
+
+
+def read_train_state(path: Path) -> dict:
+    """What --resume needs besides the weights: AdamW's state, each rank's loader position and the step."""
+    state = load_torch_file(path, weights=False)
+    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict)
+            and isinstance(state.get("loaders"), list) and all(isinstance(s, dict) for s in state["loaders"])
+            and isinstance(state.get("step"), int)):
+        raise ValueError(f"{path} is not a train state of this script (optimizer, loaders, step); resume "
+                         "from another step_* directory (delete this one) or start a new --out_dir")
+    return state
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest complete step_NNNNNN directory (incomplete ones live under a temporary name)."""
+    steps = [p for p in out_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]  # not step_000002_backup
+    steps.sort(key=lambda p: int(p.name.removeprefix("step_")))
+    return steps[-1] if steps else None
+
+
+def restore(ckpt: Path, model: Transformer, optimizer, loader: DistributedShardedDataLoader, run: Run) -> int:
+    """AdamW's state and this rank's loader position from ckpt (the weights came with the model);
+    returns the step to continue from."""
+    state = read_train_state(ckpt / "train_state.pt")
+    if len(state["loaders"]) != run.world:
+        raise ValueError(f"{ckpt} was saved by {len(state['loaders'])} process(es); resume it with "
+                         f"the same number, not {run.world}")
+    if run.strategy == "fsdp":  # saved whole; each rank keeps its shard
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL_STATE_DICT)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    loader.load_state_dict(state["loaders"][run.rank])
+    print0(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    return state["step"]  # the checkpoint of step s holds the weights after s updates
+
+
+def save(step: int, out_dir: Path, model: Transformer, optimizer, loader_state: dict, tokenizer_file: Path,
+         run: Run):
+    """step_NNNNNN in out_dir: the weights (Meta's format) and train_state.pt (AdamW, every rank's loader
+    position, the step). Every rank takes part; rank 0 writes."""
+    loaders = [loader_state]
+    if dist.is_initialized():
+        loaders = [None] * run.world
+        dist.all_gather_object(loaders, loader_state)
+    model_sd = optim_sd = None
+    if run.strategy == "fsdp":  # every rank takes part in gathering the full weights and AdamW state
+        model_sd = get_model_state_dict(model, options=FULL_STATE_DICT)
+        optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL_STATE_DICT)
+    if run.rank == 0:
+        path = out_dir / f"step_{step:06d}"
+        extra = {"optimizer": optim_sd or optimizer.state_dict(), "loaders": loaders, "step": step}
+        save_checkpoint(model, path, tokenizer_file, extra, model_sd)
+        print0(f"saved {path}", file=sys.stderr)
+
+
+def check_disk_space(out_dir: Path, model: Transformer, dtype: torch.dtype):
+    """A checkpoint holds the weights and AdamW's two moments: refuse a run that cannot save one."""
+    need = 3 * sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    free = shutil.disk_usage(out_dir).free
+    if free < need:
+        raise OSError(f"--out_dir {out_dir} has {free / 1e9:.2f} GB free, but a checkpoint of this model "
+                      f"needs about {need / 1e9:.2f} GB")
+
+
+def flops_per_token(args: ModelArgs, T: int) -> float:
+    """Training FLOPs per token, as nanoGPT counts them: 6 per parameter in the matmuls (2 forward, 4
+    backward), plus attention's score and value matmuls, 6 * 2 * n_layers * T * dim (counted over the
+    full T x T square, as PaLM's MFU does, though the causal half is skipped by flash attention)."""
+    n_matmul = args.n_layers * (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+                                + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.hidden_dim)
+    n_matmul += args.dim * args.vocab_size  # the output layer (the embedding lookup is no matmul)
+    return 6 * n_matmul + 12 * args.n_layers * T * args.dim
+
+
+def log_json(path: Path, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
+               val_loader: Optional[DistributedShardedDataLoader], run: Run, *, start_step: int, max_steps: int,
+               learning_rate: float, warmup_steps: int, min_lr_frac: float, grad_accum: int, grad_clip: float,
+               max_bad_steps: int, val_every: int, val_steps: int, sample_every: int, sample_prompts: tuple,
+               sample_len: int, seed: int, save_every: int, out_dir: Path, tokenizer: Tokenizer,
+               tokenizer_file: Path, autocast_ctx, tokens_per_step: int, peak_flops: float) -> list:
+    """Steps start_step .. max_steps - 1 of train (which describes the flags), with eval, samples and
+    checkpoints between them; returns the losses of the steps taken."""
+    losses, bad_steps, on_gpu = [], 0, run.device.type == "cuda"
+    flops_per_tok = flops_per_token(model.params, batches.loader.T)
+    for step in range(start_step, max_steps + 1):
+        last_step = step == max_steps
+        # eval and samples at step 0 (where the run starts from), every N steps, and after the last update
+        if val_loader is not None and val_every and (step % val_every == 0 or last_step):
+            val_loss = evaluate(net, val_loader, val_steps, run.device, autocast_ctx)
+            print0(f"step {step}/{max_steps} | val loss {val_loss:.4f}")
+            if run.rank == 0:
+                log_json(out_dir / "log.jsonl", {"step": step, "val_loss": val_loss})
+        if run.rank == 0 and sample_every and (step % sample_every == 0 or last_step):
+            sample_during_training(model, tokenizer, sample_prompts, sample_len, seed, autocast_ctx)
+        stop = bool(run.stop_signals)
+        if dist.is_initialized():  # a signal that reached one rank stops all of them at the same step
+            flag = torch.tensor(float(stop), device=run.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if step > start_step and (save_every and step % save_every == 0 or last_step or stop):
+            save(step, out_dir, model, optimizer, batches.loader_state, tokenizer_file, run)
+        if last_step or stop:
+            break
+
+        t0 = time.time()
+        lr = get_lr(step, max_steps, learning_rate, warmup_steps, min_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, norm = train_step(net, model, optimizer, batches, grad_accum, run, grad_clip, autocast_ctx)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            # a non-finite loss or gradient: skip the update rather than poison the weights
+            optimizer.zero_grad(set_to_none=True)
+            bad_steps += 1
+            print0(f"step {step}: non-finite loss {loss.item()} or grad norm {norm.item()}, step skipped "
+                   f"({bad_steps} in a row)", file=sys.stderr)
+            if bad_steps >= max_bad_steps:
+                raise FloatingPointError(f"{bad_steps} non-finite steps in a row at step {step}; stopping "
+                                         "without saving. Try a lower --learning_rate or check the data.")
+            continue
+        bad_steps = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()  # so the step's time is the GPU's, not just the launches'
+        dt = time.time() - t0
+        tok_per_s = tokens_per_step / dt
+        losses.append(loss.item())
+        mfu = flops_per_tok * tok_per_s / run.world / peak_flops if on_gpu else None
+        print0(f"step {step + 1:4d}/{max_steps} | loss {losses[-1]:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
+               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
+        if run.rank == 0:
+            log_json(out_dir / "log.jsonl", {"step": step + 1, "loss": losses[-1], "lr": lr, "norm": norm.item(),
+                                             "ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu})
+    if stop:
+        print0(f"stopped by a signal after saving step {step}; continue with --resume", file=sys.stderr)
+    return losses
+
+
 def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str = "data/train_*.bin",
           val_data: Optional[str] = "data/val_*.bin", out_dir: str = "out", batch_size: int = 4,
           seq_len: int = 1024, total_batch_size: Optional[int] = None, max_steps: int = 100,
@@ -1327,7 +1654,7 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
           sample_every: int = 0, sample_prompts: tuple = ("The",), sample_len: int = 48, save_every: int = 0,
           resume: bool = False, seed: int = 1337, device: Optional[str] = None, pure_bf16: bool = False,
           compile: bool = False, overfit_single_batch: bool = False, max_bad_steps: int = 5,
-          peak_flops: float = 989e12, tokenizer_path: Optional[str] = None, fsdp: Optional[bool] = None,
+          peak_flops: float = PEAK_FLOPS, tokenizer_path: Optional[str] = None, fsdp: Optional[bool] = None,
           activation_checkpointing: bool = False) -> list:
     """Finetune a Meta checkpoint (--ckpt_dir) or train a --model preset from scratch, on shards made by
     `prepare`. Under torchrun: DDP over NCCL (GPUs) or gloo (CPU). total_batch_size is in tokens
@@ -1338,239 +1665,62 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     is sharded with FSDP2 instead of replicated with DDP; --activation_checkpointing recomputes each block
     in the backward pass to save memory. --compile compiles the model (each block, under FSDP). Returns
     the list of per-step training losses."""
-    # distributed setup: one process per GPU (or CPU process) under torchrun
-    ddp = "RANK" in os.environ
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = pick_device(device)
-    fsdp = (ddp and world > 1 and device.type == "cuda") if fsdp is None else fsdp
-    if fsdp and not ddp:
-        raise ValueError("--fsdp needs several processes: start with torchrun --nproc_per_node N")
-    ddp = ddp and not fsdp
-    distributed = ddp or fsdp
-    if distributed:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    # SIGTERM / SIGINT: finish the step, save a checkpoint, exit cleanly (the caller's handlers come back after)
-    stop_signal = []
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return _train(**{k: v for k, v in locals().items() if k not in ("previous_handlers", "distributed")})
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        if distributed:
-            dist.destroy_process_group()
+    check_train_flags(batch_size=batch_size, seq_len=seq_len, max_steps=max_steps, val_steps=val_steps,
+                      max_bad_steps=max_bad_steps, sample_len=sample_len, warmup_steps=warmup_steps,
+                      val_every=val_every, sample_every=sample_every, save_every=save_every, seed=seed,
+                      learning_rate=learning_rate, min_lr_frac=min_lr_frac, weight_decay=weight_decay,
+                      grad_clip=grad_clip, peak_flops=peak_flops)
+    sample_prompts = (sample_prompts,) if isinstance(sample_prompts, str) else tuple(sample_prompts)
+    B, T, out_dir = batch_size, seq_len, Path(out_dir)
+    with distributed(device, fsdp) as run:
+        if sample_every and run.strategy == "fsdp":
+            raise ValueError("--sample_every needs the whole model in one process, which FSDP shards; sample "
+                             "from a saved checkpoint with `llama31.py sample` instead")
+        tokens_per_micro_step = B * T * run.world
+        total_batch_size = total_batch_size or tokens_per_micro_step
+        if total_batch_size % tokens_per_micro_step:
+            raise ValueError(f"--total_batch_size {total_batch_size} must be a multiple of batch_size x seq_len x "
+                             f"processes = {B} x {T} x {run.world} = {tokens_per_micro_step}")
+        grad_accum = total_batch_size // tokens_per_micro_step
+        if run.rank == 0:
+            prepare_out_dir(out_dir, resume)
+        resume_from = latest_checkpoint(out_dir) if resume else None
+        if resume and resume_from is None:
+            print0(f"--resume: no checkpoint in {out_dir} yet, starting from the beginning", file=sys.stderr)
 
+        # the model: float32 master weights; on a GPU the matmuls run in bf16, by autocast or by FSDP's policy
+        master_dtype = torch.bfloat16 if pure_bf16 else torch.float32
+        on_gpu = run.device.type == "cuda"
+        use_autocast = on_gpu and not pure_bf16 and run.strategy != "fsdp"
+        autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+        source = resume_from or ckpt_dir
+        tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
+        raw_model, tokenizer = build_train_model(source, model, tokenizer_file, T, len(sample_prompts), run.device,
+                                                 master_dtype, seed)
+        raw_model.train()
+        raw_model.checkpoint_activations = activation_checkpointing
+        net = wrap_model(raw_model, run, compile, torch.bfloat16 if on_gpu and not pure_bf16 else master_dtype)
+        optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, run.device)
 
-def _train(ckpt_dir, model, train_data, val_data, out_dir, batch_size, seq_len, total_batch_size, max_steps,
-           learning_rate, warmup_steps, min_lr_frac, weight_decay, grad_clip, val_every, val_steps, sample_every,
-           sample_prompts, sample_len, save_every, resume, seed, device, pure_bf16, compile,
-           overfit_single_batch, max_bad_steps, peak_flops, tokenizer_path, fsdp, activation_checkpointing, ddp, rank,
-           world, stop_signal):
-    B, T = batch_size, seq_len
-    # flags are checked here, by name, rather than failing deep inside a step
-    for flag, value, low in (("batch_size", B, 1), ("seq_len", T, 1), ("max_steps", max_steps, 1),
-                             ("val_steps", val_steps, 1), ("max_bad_steps", max_bad_steps, 1),
-                             ("sample_len", sample_len, 1), ("warmup_steps", warmup_steps, 0),
-                             ("val_every", val_every, 0), ("sample_every", sample_every, 0),
-                             ("save_every", save_every, 0), ("seed", seed, 0)):
-        if type(value) is not int or value < low:
-            raise ValueError(f"--{flag} {value!r} must be an integer >= {low}")
-    for flag, value, ok, what in (
-            # an AdamW learning rate above 1 is never meant, and near float32's limit the update overflows
-            ("learning_rate", learning_rate, lambda v: 0 < v <= 1, "in (0, 1]"),
-            ("min_lr_frac", min_lr_frac, lambda v: 0 <= v <= 1, "in [0, 1]"),
-            ("weight_decay", weight_decay, lambda v: 0 <= v <= 1, "in [0, 1]"),
-            ("grad_clip", grad_clip, lambda v: 0 <= v < math.inf, ">= 0 (0 turns clipping off)"),
-            ("peak_flops", peak_flops, lambda v: 0 < v < math.inf, "above 0")):
-        if type(value) not in (int, float) or not ok(value):
-            raise ValueError(f"--{flag} {value!r} must be a number {what}")
-    if isinstance(sample_prompts, str):  # fire passes a single prompt as a string
-        sample_prompts = (sample_prompts,)
-    total_batch_size = total_batch_size or B * T * world
-    if total_batch_size % (B * T * world):
-        raise ValueError(f"--total_batch_size {total_batch_size} must be a multiple of batch_size x seq_len x "
-                         f"processes = {B} x {T} x {world} = {B * T * world}")
-    grad_accum = total_batch_size // (B * T * world)
-    out_dir = Path(out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError(f"--out_dir {out_dir} is not writable")
-        if not resume and latest_checkpoint(out_dir) is not None:
-            raise ValueError(f"--out_dir {out_dir} already holds checkpoints ({latest_checkpoint(out_dir).name}); "
-                             "pass --resume to continue that run, or choose another --out_dir")
-        for stale in out_dir.glob(".step_*.tmp*"):  # a save cut short by a kill: never a checkpoint
-            shutil.rmtree(stale)
-    master_dtype = torch.bfloat16 if pure_bf16 else torch.float32
-    use_autocast = device.type == "cuda" and not pure_bf16 and not fsdp  # FSDP casts by its own policy
-    autocast_ctx = torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
+        # the data: each rank its own slice of every step's tokens
+        vocab_size = raw_model.params.vocab_size
+        train_loader = DistributedShardedDataLoader(train_data, B, T, run.rank, run.world, vocab_size)
+        val_loader = DistributedShardedDataLoader(val_data, B, T, run.rank, run.world, vocab_size) if val_data else None
+        start_step = restore(resume_from, raw_model, optimizer, train_loader, run) if resume_from else 0
+        if run.rank == 0:
+            check_disk_space(out_dir, raw_model, master_dtype)
+        print0(f"model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | {run.world} "
+               f"process(es) | B={B} T={T} grad_accum={grad_accum} -> {total_batch_size:,} tokens/step | "
+               f"{run.device} {master_dtype}{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
 
-    # the model: a checkpoint to finetune (or our own to resume), else a preset from scratch
-    resume_from = latest_checkpoint(out_dir) if resume else None
-    if resume and resume_from is None:
-        print0(f"--resume: no checkpoint in {out_dir} yet, starting from the beginning", file=sys.stderr)
-    source = resume_from or ckpt_dir
-    tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
-    if source is not None:
-        net, tokenizer = load_model(source, tokenizer_file, T, len(sample_prompts), device, master_dtype)
-    else:
-        tokenizer = Tokenizer(tokenizer_file)
-        net = Transformer(preset(model, max_seq_len=T, max_batch_size=len(sample_prompts)))
-        net = net.to(device=device, dtype=master_dtype)
-        net.reset_rope()  # the .to() above cast the RoPE table too; it stays float32
-        net.init_weights(torch.Generator(device=device).manual_seed(seed))
-    if source is not None:
-        bad = non_finite_keys(net.state_dict())
-        if bad:
-            raise ValueError(f"{source} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
-    args = net.params
-    net.train()
-    net.checkpoint_activations = activation_checkpointing
-    raw_model = net
-    if fsdp:
-        compute_dtype = torch.bfloat16 if device.type == "cuda" and not pure_bf16 else master_dtype
-        net = raw_model = shard_model(net, compute_dtype, compile)
-    elif compile:
-        net = torch.compile(net)
-    if ddp:
-        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = configure_optimizer(raw_model, learning_rate, weight_decay, device)
-    full_state = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-    train_loader = DistributedShardedDataLoader(train_data, B, T, rank, world, args.vocab_size)
-    val_loader = DistributedShardedDataLoader(val_data, B, T, rank, world, args.vocab_size) if val_data else None
-    start_step = 0
-    if resume_from is not None:
-        state = read_train_state(resume_from / "train_state.pt")
-        if fsdp:  # saved whole, by parameter name; each rank keeps its shard
-            set_optimizer_state_dict(raw_model, optimizer, state["optimizer"], options=full_state)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        if len(state["loaders"]) != world:
-            raise ValueError(f"{resume_from} was saved by {len(state['loaders'])} process(es); resume it with "
-                             f"the same number, not {world}")
-        train_loader.load_state_dict(state["loaders"][rank])
-        torch.set_rng_state(state["rng"])
-        start_step = state["step"]  # the checkpoint of step s holds the weights after s updates
-        print0(f"resumed from {resume_from} at step {start_step}", file=sys.stderr)
-
-    def save(step):
-        loaders = [train_loader.state_dict()]
-        if dist.is_initialized():
-            loaders = [None] * world
-            dist.all_gather_object(loaders, train_loader.state_dict())
-        model_sd = optim_sd = None
-        if fsdp:  # every rank takes part in gathering the full weights and optimizer state onto rank 0's CPU
-            model_sd = get_model_state_dict(raw_model, options=full_state)
-            optim_sd = get_optimizer_state_dict(raw_model, optimizer, options=full_state)
-        if rank == 0:
-            path = out_dir / f"step_{step:06d}"
-            extra = {"optimizer": optim_sd if fsdp else optimizer.state_dict(), "loaders": loaders,
-                     "rng": torch.get_rng_state(), "step": step}
-            save_checkpoint(raw_model, path, tokenizer_file, extra, model_sd)
-            print0(f"saved {path}", file=sys.stderr)
-
-    if rank == 0:  # a checkpoint holds the weights and AdamW's two moments: refuse a run that cannot save one
-        need = 3 * sum(p.numel() for p in raw_model.parameters()) * torch.finfo(master_dtype).bits // 8
-        free = shutil.disk_usage(out_dir).free
-        if free < need:
-            raise OSError(f"--out_dir {out_dir} has {free / 1e9:.2f} GB free, but a checkpoint of this model "
-                          f"needs about {need / 1e9:.2f} GB")
-
-    flops_tok = flops_per_token(args, T)
-    print0(f"model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | {world} process(es) | "
-           f"B={B} T={T} grad_accum={grad_accum} -> {total_batch_size:,} tokens/step | {device} {master_dtype}"
-           f"{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
-    log_file = out_dir / "log.jsonl"
-    losses, bad_steps, stop = [], 0, False
-    if overfit_single_batch:
-        fixed = train_loader.next_batch()
-    for step in range(start_step, max_steps + 1):
-        last_step = step == max_steps
-        # eval and samples at the start, every N steps, and at the end
-        if val_loader is not None and val_every and (step % val_every == 0 or last_step):
-            val_loss = evaluate(net, val_loader, val_steps, device, autocast_ctx)
-            print0(f"step {step}/{max_steps} | val loss {val_loss:.4f}")
-            if rank == 0:
-                with open(log_file, "a") as f:
-                    f.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-        if rank == 0 and sample_every and not fsdp and (step % sample_every == 0 or last_step):
-            raw_model.eval()
-            llama = Llama(raw_model, tokenizer)
-            rng = torch.Generator(device=device).manual_seed(seed)
-            with autocast_ctx:
-                outs = llama.text_completion(list(sample_prompts), rng, temperature=0.8, top_p=0.95,
-                                             max_gen_len=sample_len)
-            for p, o in zip(sample_prompts, outs):
-                print0(f"  sample: {p}{o['generation']!r}")
-            raw_model.train()
-        stop = bool(stop_signal)
-        if dist.is_initialized():  # a signal that reached one rank stops all of them at the same step
-            flag = torch.tensor(float(stop), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        if step > start_step and (save_every and step % save_every == 0 or last_step or stop):
-            save(step)
-        if last_step or stop:
-            break
-
-        # one optimization step: grad_accum micro-batches
-        t0 = time.time()
-        lr = get_lr(step, max_steps, learning_rate, warmup_steps, min_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = fixed if overfit_single_batch else train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # reduce the gradients across ranks only on the last micro-step
-            if ddp:
-                net.require_backward_grad_sync = micro_step == grad_accum - 1
-            elif fsdp:
-                net.set_requires_gradient_sync(micro_step == grad_accum - 1)
-            with autocast_ctx:
-                loss = net(x, targets=y) / grad_accum
-            loss_accum += loss.detach()
-            loss.backward()
-        if dist.is_initialized():
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-        if fsdp:
-            norm = norm.full_tensor()  # a DTensor: the norm over every rank's shards
-        if not (torch.isfinite(loss_accum) and torch.isfinite(norm)):
-            # a non-finite loss or gradient: skip the update rather than poison the weights
-            optimizer.zero_grad(set_to_none=True)
-            bad_steps += 1
-            print0(f"step {step}: non-finite loss {loss_accum.item()} or grad norm {norm.item()}, step skipped "
-                   f"({bad_steps} in a row)", file=sys.stderr)
-            if bad_steps >= max_bad_steps:
-                raise FloatingPointError(f"{bad_steps} non-finite steps in a row at step {step}; stopping without "
-                                         "saving. Try a lower --learning_rate or check the data.")
-            continue
-        bad_steps = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        tok_per_s = total_batch_size / dt
-        loss_v = loss_accum.item()
-        losses.append(loss_v)
-        mfu = flops_tok * tok_per_s / world / peak_flops if device.type == "cuda" else None
-        print0(f"step {step + 1:4d}/{max_steps} | loss {loss_v:.4f} | lr {lr:.2e} | norm {norm.item():.3f} | "
-               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | mfu {100 * mfu:.1f}%" if mfu else ""))
-        if rank == 0:
-            with open(log_file, "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": loss_v, "lr": lr, "norm": norm.item(), "ms": dt * 1000,
-                                    "tok_per_s": tok_per_s, "mfu": mfu}) + "\n")
-    if stop:
-        print0(f"stopped by a signal after saving step {step}; continue with --resume", file=sys.stderr)
-    return losses
+        return train_loop(net, raw_model, optimizer, Batches(train_loader, run.device, fixed=overfit_single_batch),
+                          val_loader, run, start_step=start_step, max_steps=max_steps, learning_rate=learning_rate,
+                          warmup_steps=warmup_steps, min_lr_frac=min_lr_frac, grad_accum=grad_accum,
+                          grad_clip=grad_clip, max_bad_steps=max_bad_steps, val_every=val_every, val_steps=val_steps,
+                          sample_every=sample_every, sample_prompts=sample_prompts, sample_len=sample_len,
+                          seed=seed, save_every=save_every, out_dir=out_dir, tokenizer=tokenizer,
+                          tokenizer_file=tokenizer_file, autocast_ctx=autocast_ctx,
+                          tokens_per_step=total_batch_size, peak_flops=peak_flops)
 
 
 # -----------------------------------------------------------------------------
@@ -1607,11 +1757,12 @@ EXAMPLE_PROMPTS = [
 
 
 def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional[str] = None,
-           max_seq_len: int = 512, max_gen_len: int = 256, max_batch_size: int = 4, temperature: float = 0.6,
-           top_p: float = 0.9, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
+           max_seq_len: int = 512, max_gen_len: int = 256, max_batch_size: int = 4, temperature: float = TEMPERATURE,
+           top_p: float = TOP_P, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
            compile: bool = False, echo: bool = False):
     """Complete --prompt (streamed), or a few example prompts as one batch, with a base model."""
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, device, dtype, compile)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                        device=device, dtype=dtype, compile=compile)
     llama.check_sampling(temperature, top_p)
     device = llama.model.tok_embeddings.weight.device
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -1622,17 +1773,19 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
                        on_token=stream_printer(llama.tokenizer))
         print()
         return
-    results = llama.text_completion(EXAMPLE_PROMPTS[:max_batch_size], rng, temperature, top_p, max_gen_len, echo)
+    results = llama.text_completion(EXAMPLE_PROMPTS[:max_batch_size], rng, temperature=temperature, top_p=top_p,
+                                    max_gen_len=max_gen_len, echo=echo)
     for p, r in zip(EXAMPLE_PROMPTS, results):
         print(f"{p}\033[1m{r['generation']}\033[0m\n" + "-" * 60)
 
 
 def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
-         max_gen_len: int = 1024, temperature: float = 0.6, top_p: float = 0.9, seed: int = 1,
+         max_gen_len: int = 1024, temperature: float = TEMPERATURE, top_p: float = TOP_P, seed: int = 1,
          device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
     """Talk with an Instruct model: multi-turn, streamed, with an optional --system prompt. An empty line or
     end of input (Ctrl-D) ends the conversation."""
-    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len, 1, device, dtype, compile)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device,
+                        dtype=dtype, compile=compile)
     llama.check_sampling(temperature, top_p)
     rng = torch.Generator(device=llama.model.tok_embeddings.weight.device).manual_seed(seed)
     dialog = [{"role": "system", "content": system}] if system else []
@@ -1646,7 +1799,7 @@ def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[s
         dialog.append({"role": "user", "content": user})
         print("assistant> ", end="", flush=True)
         try:
-            out = llama.chat_completion([dialog], rng, temperature, top_p, max_gen_len,
+            out = llama.chat_completion([dialog], rng, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
                                         on_token=stream_printer(llama.tokenizer))
         except ValueError as e:  # the conversation outgrew max_seq_len: say so, keep talking
             print(f"\n({e})")
@@ -1676,7 +1829,7 @@ def demo(out_dir: str = "out/demo", data_dir: str = "data/pydoc", max_steps: int
         "".join(json.dumps({"text": text}) + "\n" for _, text in sorted(pydoc_data.topics.topics.items()))))
     prepare(str(docs), out_dir=str(data_dir), val_fraction=0.05, seed=seed)
     print(f"\ntraining the tiny preset from scratch on {docs} ({max_steps} steps); the loss starts near "
-          f"ln(128256) = {math.log(128256):.2f}, the loss of a uniform guess\n")
+          f"ln({VOCAB_SIZE}) = {math.log(VOCAB_SIZE):.2f}, the loss of a uniform guess\n")
     train(model="tiny", train_data=str(data_dir / "train_*.bin"), val_data=str(data_dir / "val_*.bin"),
           out_dir=out_dir, batch_size=4, seq_len=256, max_steps=max_steps, learning_rate=5e-3, warmup_steps=5,
           val_every=25, val_steps=4, seed=seed, device=device)
