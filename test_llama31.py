@@ -44,20 +44,24 @@ BOS, EOS = llama31.BOS_ID, 128001
 NA = llama31.NOT_A_TARGET
 
 
-# A tiny Llama 3.1: grouped-query attention (4 heads share 2 kv heads), scaled RoPE, Meta's FFN rounding.
-TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, multiple_of=32,
+# The one tiny Llama 3.1 of these tests, as its params.json: grouped-query attention (4 heads share 2 kv heads),
+# scaled RoPE, Meta's FFN rounding.
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
             ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-
-
-SEQ, BATCH = 64, 4
+# The overrides of the models the training, checkpoint-saving and file-fuzzing tests build: half as wide, the
+# plain SwiGLU width and unscaled RoPE, 64 positions. A step takes half the time (the 128,256-way embedding and
+# output layer are most of it), a checkpoint is 33 MB, and those tests' thresholds were set on this shape.
+DIM32 = dict(dim=32, multiple_of=16, ffn_dim_multiplier=None, use_scaled_rope=False, max_seq_len=64)
+SEQ, BATCH = 64, 4  # the runtime sizes Llama.build gets in the parity tests
 
 
 def tiny_args(**kw) -> llama31.ModelArgs:
-    return llama31.ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, vocab_size=VOCAB,
-                             max_seq_len=64, **kw)
+    """TINY as ModelArgs; kw overrides its keys or sets the runtime sizes (max_seq_len, max_batch_size)."""
+    return llama31.ModelArgs(**{**TINY, **kw})
 
 
 def tiny_model(seed: int, **kw) -> llama31.Transformer:
+    """tiny_args(**kw) with random weights drawn from seed (Transformer.init_weights)."""
     model = llama31.Transformer(tiny_args(**kw))
     model.init_weights(torch.Generator().manual_seed(seed))
     return model
@@ -122,7 +126,7 @@ def llama(tiny_ckpt):
 def init_ckpt(tmp_path_factory) -> Path:
     """A tiny random model saved as a checkpoint: train() builds from scratch only from a preset."""
     path = tmp_path_factory.mktemp("ckpt") / "init"
-    llama31.save_checkpoint(tiny_model(seed=0), path, default_tokenizer_path())
+    llama31.save_checkpoint(tiny_model(seed=0, **DIM32), path, default_tokenizer_path())
     return path
 
 
@@ -152,7 +156,7 @@ def write_ckpt(path: Path, params, sd) -> Path:
 
 @pytest.fixture(scope="module")
 def good_sd() -> dict:
-    return StateDict(tiny_model(seed=0).state_dict())
+    return StateDict(tiny_model(seed=0, **DIM32).state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +170,7 @@ def load(path: Path):
     return llama31.load_model(path, None, 64, 1, CPU, torch.float32)
 
 
-PARAMS = tiny_args(use_scaled_rope=True).to_params()  # as Llama 3.1's params.json
+PARAMS = {**tiny_args(**DIM32).to_params(), "use_scaled_rope": True}  # good_sd's, as Llama 3.1's params.json
 
 
 def with_changes(d: dict, changes: dict) -> dict:
@@ -181,14 +185,14 @@ def with_changes(d: dict, changes: dict) -> dict:
 
 
 def assert_shapes_of_tiny(a: llama31.ModelArgs):
-    """a describes weights of tiny_args()'s shapes."""
-    b = tiny_args()
+    """a describes weights of tiny_args(**DIM32)'s shapes (good_sd's, init_ckpt's)."""
+    b = tiny_args(**DIM32)
     assert (a.dim, a.n_layers, a.n_kv_heads * a.head_dim, a.hidden_dim) == (b.dim, b.n_layers,
                                                                              b.n_kv_heads * b.head_dim, b.hidden_dim)
 
 
 with torch.device("meta"):
-    SD_KEYS = sorted(llama31.Transformer(tiny_args()).state_dict())
+    SD_KEYS = sorted(llama31.Transformer(tiny_args(**DIM32)).state_dict())
 
 
 def mutate_sd(sd: dict, kind: str, key: str):
@@ -601,7 +605,7 @@ def test_pth_with_non_string_keys_is_a_value_error(tmp_path, good_sd, cached_tok
 @pytest.mark.parametrize("tie", [False, True])
 @torch.no_grad()
 def test_saved_checkpoint_reloads_exactly_and_in_meta_reference(tmp_path, tie):
-    model = tiny_model(seed=5, tie_word_embeddings=tie).eval()
+    model = tiny_model(seed=5, tie_word_embeddings=tie, **DIM32).eval()
     ckpt = tmp_path / "ckpt"
     llama31.save_checkpoint(model, ckpt, default_tokenizer_path())
     assert sorted(p.name for p in ckpt.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
@@ -636,7 +640,7 @@ def test_failed_save_leaves_no_partial_step_dir(tmp_path, monkeypatch, where):
     out = tmp_path / "out"
     old = out / "step_000001"
     extra = {"optimizer": {}, "loaders": [{"shard": 0, "position": 0}], "rng": torch.get_rng_state(), "step": 1}
-    llama31.save_checkpoint(tiny_model(seed=1), old, default_tokenizer_path(), extra)
+    llama31.save_checkpoint(tiny_model(seed=1, **DIM32), old, default_tokenizer_path(), extra)
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     if where == "tokenizer":
         monkeypatch.setattr(shutil, "copyfile", failing_after(0, shutil.copyfile))
@@ -644,22 +648,22 @@ def test_failed_save_leaves_no_partial_step_dir(tmp_path, monkeypatch, where):
         exc = KeyboardInterrupt if where == "interrupt" else OSError
         monkeypatch.setattr(torch, "save", failing_after(int(where == "train_state"), torch.save, exc))
     with pytest.raises((OSError, KeyboardInterrupt), match="injected failure"):
-        llama31.save_checkpoint(tiny_model(seed=2), out / "step_000002", default_tokenizer_path(), extra)
+        llama31.save_checkpoint(tiny_model(seed=2, **DIM32), out / "step_000002", default_tokenizer_path(), extra)
     assert [p.name for p in out.iterdir()] == ["step_000001"]  # no partial dir, no temporary left
     assert {p.name: p.read_bytes() for p in old.iterdir()} == before
 
 
 def test_a_checkpoint_is_never_overwritten(tmp_path, monkeypatch):
     out = tmp_path / "step_000003"
-    llama31.save_checkpoint(tiny_model(seed=1), out, default_tokenizer_path())
+    llama31.save_checkpoint(tiny_model(seed=1, **DIM32), out, default_tokenizer_path())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     # replacing a directory takes two renames, and a crash between them would leave no step_000003
     with pytest.raises(FileExistsError, match=re.escape(str(out))):
-        llama31.save_checkpoint(tiny_model(seed=2), out, default_tokenizer_path())
+        llama31.save_checkpoint(tiny_model(seed=2, **DIM32), out, default_tokenizer_path())
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["step_000003"]
     (tmp_path / "empty").mkdir()  # an empty directory made beforehand is fine
-    llama31.save_checkpoint(tiny_model(seed=2), tmp_path / "empty", default_tokenizer_path())
+    llama31.save_checkpoint(tiny_model(seed=2, **DIM32), tmp_path / "empty", default_tokenizer_path())
     assert (tmp_path / "empty" / "consolidated.00.pth").exists()
 
 
@@ -729,7 +733,7 @@ def test_convert_meta_to_hf_and_back(tmp_path, tiny_ckpt, llama):
     assert back.keys() == orig.keys()
     assert all(torch.equal(back[k], orig[k]) and back[k].dtype == torch.bfloat16 for k in orig)
     params = llama31.ModelArgs.from_params(json.loads((tmp_path / "meta" / "params.json").read_text()))
-    assert params.hidden_dim == llama31.ModelArgs(**TINY).hidden_dim
+    assert params.hidden_dim == tiny_args().hidden_dim
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
 
 
@@ -1354,7 +1358,7 @@ def token_losses(model, inputs, targets) -> torch.Tensor:
 
 @torch.no_grad()
 def test_document_masking_trains_each_packed_document_as_if_alone():
-    model = tiny_model(seed=3).eval()
+    model = tiny_model(seed=3, **DIM32).eval()
     g = torch.Generator().manual_seed(0)
     doc1 = [BOS] + torch.randint(0, 5000, (5,), generator=g).tolist() + [EOS]
     doc2 = [BOS] + torch.randint(0, 5000, (7,), generator=g).tolist()
@@ -1375,7 +1379,7 @@ def test_document_masking_trains_each_packed_document_as_if_alone():
 
 @torch.no_grad()
 def test_forward_loss_without_inner_bos_is_plain_causal_cross_entropy():
-    model = tiny_model(seed=4).eval()
+    model = tiny_model(seed=4, **DIM32).eval()
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 5000, (3, 16), generator=g)
     x[0, 0] = BOS  # a BOS at the start only: still one document
@@ -1440,7 +1444,7 @@ def loss_and_grads(model, x, y, device):
 def test_gpu_flex_attention_document_masking_equals_the_dense_mask():
     """On a GPU packed documents go through flex attention with a block mask; on the CPU through SDPA with a
     dense mask. In float32 both give the same loss and gradients."""
-    args = llama31.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=256)
+    args = tiny_args(multiple_of=16, ffn_dim_multiplier=None, use_scaled_rope=False, max_seq_len=256)
     model = llama31.Transformer(args)
     model.init_weights(torch.Generator().manual_seed(0))
     x, y = packed_batch(2, 256, seed=0)
@@ -1510,7 +1514,7 @@ def test_gpu_compiled_training_equals_eager(packed):
     """torch.compile'd training (bf16 autocast, float32 weights) follows the eager loss within 1e-3 relative
     over a few AdamW steps, with and without packed documents."""
     device = torch.device("cuda")
-    args = llama31.ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=256)
+    args = tiny_args(dim=128, multiple_of=16, ffn_dim_multiplier=None, use_scaled_rope=False, max_seq_len=256)
     losses = {}
     for compile in (False, True):
         model = llama31.Transformer(args).to(device)
@@ -1642,7 +1646,7 @@ def test_train_refuses_an_out_dir_of_another_run_and_a_changed_world_size(init_c
 @pytest.mark.parametrize("case", ["random_bytes", "missing_key"])
 def test_resume_from_a_broken_train_state_is_a_value_error_naming_it(init_ckpt, train_data, tmp_path, case):
     step = tmp_path / "step_000001"
-    model = tiny_model(seed=0)
+    model = tiny_model(seed=0, **DIM32)
     optimizer = llama31.configure_optimizer(model, 1e-3, 0.1, CPU)
     extra = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": 1}  # no "loaders"
     llama31.save_checkpoint(model, step, default_tokenizer_path(), extra)
@@ -2021,7 +2025,7 @@ def test_pickled_code_in_checkpoint_files_never_runs(init_ckpt, train_data, tmp_
     # in train_state.pt, read by --resume
     out = tmp_path / "out"
     extra = {"optimizer": {}, "loaders": [{"shard": 0, "position": 0}], "rng": torch.get_rng_state(), "step": 1}
-    llama31.save_checkpoint(tiny_model(seed=0), out / "step_000001", default_tokenizer_path(), extra)
+    llama31.save_checkpoint(tiny_model(seed=0, **DIM32), out / "step_000001", default_tokenizer_path(), extra)
     write_evil(out / "step_000001" / "train_state.pt", {**extra, "evil": Payload(marker)})
     with pytest.raises(Exception):
         llama31.train(**train_kwargs(init_ckpt, train_data, out, max_steps=2, resume=True))
