@@ -1,8 +1,14 @@
-"""Tests of llama31.py against Meta's reference (reference.py) on tiny random-weight checkpoints written in
-Meta's real format. Run: python -m pytest -q test_llama31.py. GPU tests skip without CUDA."""
+"""Tests of llama31.py (and tokenizer.py): logits, greedy tokens and token ids against Meta's reference
+(reference.py) and transformers, on tiny random-weight checkpoints written in Meta's and Hugging Face's real
+formats; then the data pipeline, training (document masking, DDP and FSDP, exact resume), its reliability (SIGKILL,
+signals, non-finite steps), security (no code from data files, no network) and the command line.
+
+The sections follow llama31.py's: config, model, generation, Meta checkpoints, Hugging Face checkpoints, the
+tokenizer, data, training; then reliability, security and the CLI. Fixtures and helpers that several sections use
+come first; the others open their section. Tolerances are fixed in the tests and never loosened.
+Run: python -m pytest -q test_llama31.py. GPU tests skip without CUDA."""
 
 import ast
-import functools
 import io
 import json
 import math
@@ -43,14 +49,13 @@ VOCAB = 128256
 BOS, EOS = llama31.BOS_ID, 128001
 NA = llama31.NOT_A_TARGET
 
-
 # The one tiny Llama 3.1 of these tests, as its params.json: grouped-query attention (4 heads share 2 kv heads),
 # scaled RoPE, Meta's FFN rounding.
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
             ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
-# The overrides of the models the training, checkpoint-saving and file-fuzzing tests build: half as wide, the
-# plain SwiGLU width and unscaled RoPE, 64 positions. A step takes half the time (the 128,256-way embedding and
-# output layer are most of it), a checkpoint is 33 MB, and those tests' thresholds were set on this shape.
+# The overrides for the models the training, checkpoint-saving and file-fuzzing tests build: half as wide, the
+# plain SwiGLU width, unscaled RoPE, 64 positions. Half the parameters (the 128,256-way embedding and output layer
+# are most of them), 33 MB checkpoints; those tests' thresholds were set on this shape.
 DIM32 = dict(dim=32, multiple_of=16, ffn_dim_multiplier=None, use_scaled_rope=False, max_seq_len=64)
 SEQ, BATCH = 64, 4  # the runtime sizes Llama.build gets in the parity tests
 
@@ -220,12 +225,14 @@ def mutate_sd(sd: dict, kind: str, key: str):
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
+    """The Llama 3 tokenizer (llama-models' tokenizer.model), read once: every test that needs one takes this."""
     return Tokenizer(default_tokenizer_path())
 
 
 @pytest.fixture
 def cached_tokenizer(monkeypatch, tok):
-    monkeypatch.setattr(llama31, "Tokenizer", lambda path: tok)  # prepare() would read the file per call
+    """llama31's own Tokenizer(path) hands out tok: prepare() and load_model() would read the file per call."""
+    monkeypatch.setattr(llama31, "Tokenizer", lambda path: tok)
 
 
 @pytest.fixture(autouse=True)
@@ -616,7 +623,6 @@ def test_saved_checkpoint_reloads_exactly_and_in_meta_reference(tmp_path, tie):
     assert torch.equal(llama.model(tokens), ours)
     assert (llama.model.output.weight is llama.model.tok_embeddings.weight) == tie
 
-    from reference import reference_logits, reference_model  # Meta's llama_models Transformer
     params = json.loads((ckpt / "params.json").read_text())
     sd = torch.load(ckpt / "consolidated.00.pth", map_location="cpu", weights_only=True)
     meta = reference_model(params, sd, max_seq_len=64, max_batch_size=2)  # loads strictly
@@ -838,25 +844,21 @@ def test_safetensors_index_cannot_point_outside_its_directory(tmp_path, hf_dir, 
 # tokenizer and chat format (tokenizer.py): ids equal Meta's
 
 
-@functools.cache
-def ours() -> tk.Tokenizer:
-    return tk.Tokenizer(tk.default_tokenizer_path())
-
-
-def assert_same_as_meta(s: str, **kw) -> list[int]:
-    ids = ours().encode(s, bos=False, eos=False, **kw)
+def assert_same_as_meta(tok: Tokenizer, s: str, **kw) -> list[int]:
+    ids = tok.encode(s, bos=False, eos=False, **kw)
     assert ids == reference_tokenizer().encode(s, bos=False, eos=False, **kw)
     return ids
 
 
-def test_special_tokens_match_meta():
-    meta, t = reference_tokenizer(), ours()
-    assert t.special_tokens == meta.special_tokens
-    assert (t.n_words, t.bos_id, t.eos_id, t.eot_id, t.eom_id, t.python_tag_id, t.pad_id, t.stop_tokens) == (
+def test_special_tokens_match_meta(tok):
+    meta = reference_tokenizer()
+    assert tok.special_tokens == meta.special_tokens
+    assert (tok.n_words, tok.bos_id, tok.eos_id, tok.eot_id, tok.eom_id, tok.python_tag_id, tok.pad_id,
+            tok.stop_tokens) == (
         meta.n_words, meta.bos_id, meta.eos_id, meta.eot_id, meta.eom_id, meta.python_tag_id, meta.pad_id,
         meta.stop_tokens,
     )  # fmt: skip
-    assert t.n_words == 128256
+    assert tok.n_words == 128256
 
 
 AWKWARD = [
@@ -874,25 +876,23 @@ AWKWARD = [
 
 
 @pytest.mark.parametrize("s", AWKWARD)
-def test_encode_matches_meta_and_round_trips(s):
-    ids = assert_same_as_meta(s)
-    assert ours().decode(ids) == s
+def test_encode_matches_meta_and_round_trips(tok, s):
+    ids = assert_same_as_meta(tok, s)
+    assert tok.decode(ids) == s
 
 
-def test_text_spelling_a_special_token():
-    t = ours()
-    plain = assert_same_as_meta("<|eot_id|>")
-    assert t.eot_id not in plain and len(plain) > 1  # by default it is just text
-    assert assert_same_as_meta("hi<|eot_id|>", allowed_special="all")[-1] == t.eot_id
-    assert t.decode(plain) == "<|eot_id|>"
+def test_text_spelling_a_special_token(tok):
+    plain = assert_same_as_meta(tok, "<|eot_id|>")
+    assert tok.eot_id not in plain and len(plain) > 1  # by default it is just text
+    assert assert_same_as_meta(tok, "hi<|eot_id|>", allowed_special="all")[-1] == tok.eot_id
+    assert tok.decode(plain) == "<|eot_id|>"
 
 
-def test_bos_eos_flags():
-    t = ours()
-    body = t.encode("hi", bos=False, eos=False)
-    assert t.encode("hi", bos=True, eos=False) == [t.bos_id] + body
-    assert t.encode("hi", bos=False, eos=True) == body + [t.eos_id]
-    assert t.encode("", bos=True, eos=True) == [t.bos_id, t.eos_id]
+def test_bos_eos_flags(tok):
+    body = tok.encode("hi", bos=False, eos=False)
+    assert tok.encode("hi", bos=True, eos=False) == [tok.bos_id] + body
+    assert tok.encode("hi", bos=False, eos=True) == body + [tok.eos_id]
+    assert tok.encode("", bos=True, eos=True) == [tok.bos_id, tok.eos_id]
 
 
 @pytest.mark.parametrize(
@@ -904,17 +904,17 @@ def test_bos_eos_flags():
     ],
     ids=["1M-a", "spaces", "edges"],
 )
-def test_long_inputs_match_meta(s):
-    assert ours().decode(assert_same_as_meta(s)) == s
+def test_long_inputs_match_meta(tok, s):
+    assert tok.decode(assert_same_as_meta(tok, s)) == s
 
 
-def test_long_mixed_input_matches_meta():
+def test_long_mixed_input_matches_meta(tok):
     rng = random.Random(0)
     words = "".join(rng.choice(["word", " ", "\n", "é", "12345", "😀", "?!"]) for _ in range(200_000))
     # Long runs of both kinds, the first straddling the 400k window edge.
     s = words[:390_000] + "z" * 30_000 + " " * 30_000 + words[-50_000:]
     assert len(s) == 500_000
-    assert_same_as_meta(s)
+    assert_same_as_meta(tok, s)
 
 
 def test_long_run_cuts_equal_metas():
@@ -931,8 +931,8 @@ def test_regex_whitespace_is_str_isspace():
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
-def test_random_text_matches_meta_and_round_trips(s):
-    assert ours().decode(assert_same_as_meta(s)) == s
+def test_random_text_matches_meta_and_round_trips(tok, s):
+    assert tok.decode(assert_same_as_meta(tok, s)) == s
 
 
 @fuzz(150)
@@ -943,30 +943,30 @@ def test_tokenizer_round_trips_random_unicode(tok, s):
     assert tok.decode(ids) == s
 
 
-def test_encode_rejects_non_str():
+def test_encode_rejects_non_str(tok):
     with pytest.raises(TypeError, match="takes a str"):
-        ours().encode(b"bytes", bos=False, eos=False)
+        tok.encode(b"bytes", bos=False, eos=False)
 
 
 def test_missing_tokenizer_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.model"):
-        tk.Tokenizer(tmp_path / "nope.model")
+        Tokenizer(tmp_path / "nope.model")
 
 
 def test_malformed_tokenizer_file(tmp_path):
     path = tmp_path / "bad.model"
     path.write_text("IQ== 0\nIg== 1\nnot base64!! x\n")
     with pytest.raises(ValueError, match=r"bad\.model, line 3"):
-        tk.Tokenizer(path)
+        Tokenizer(path)
     path.write_text("\n\n")
     with pytest.raises(ValueError, match="no tokens"):
-        tk.Tokenizer(path)
+        Tokenizer(path)
 
 
 def test_default_tokenizer_path_missing_package(monkeypatch):
     monkeypatch.setattr(tk.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install llama-models"):
-        tk.default_tokenizer_path()
+        default_tokenizer_path()
 
 
 DIALOGS = {
@@ -998,43 +998,43 @@ DIALOGS = {
 
 
 @pytest.mark.parametrize("name", DIALOGS)
-def test_dialog_prompt_matches_meta(name):
+def test_dialog_prompt_matches_meta(tok, name):
     messages = DIALOGS[name]
-    assert tk.ChatFormat(ours()).encode_dialog_prompt(messages) == reference_dialog_tokens(messages)
+    assert ChatFormat(tok).encode_dialog_prompt(messages) == reference_dialog_tokens(messages)
 
 
-def test_eom_only_for_assistant_end_of_message():
-    t, fmt = ours(), tk.ChatFormat(ours())
-    assert fmt.encode_message({"role": "assistant", "content": "x", "stop_reason": "end_of_message"})[-1] == t.eom_id
-    assert fmt.encode_message({"role": "assistant", "content": "x"})[-1] == t.eot_id
+def test_eom_only_for_assistant_end_of_message(tok):
+    fmt = ChatFormat(tok)
+    assert fmt.encode_message({"role": "assistant", "content": "x", "stop_reason": "end_of_message"})[-1] == tok.eom_id
+    assert fmt.encode_message({"role": "assistant", "content": "x"})[-1] == tok.eot_id
     # Meta honours stop_reason only on assistant messages.
-    assert fmt.encode_message({"role": "user", "content": "x", "stop_reason": "end_of_message"})[-1] == t.eot_id
+    assert fmt.encode_message({"role": "user", "content": "x", "stop_reason": "end_of_message"})[-1] == tok.eot_id
 
 
-def test_header_and_message_layout():
-    t, fmt = ours(), tk.ChatFormat(ours())
+def test_header_and_message_layout(tok):
+    fmt = ChatFormat(tok)
     header = fmt.encode_header("ipython")
-    assert t.decode(header) == "<|start_header_id|>ipython<|end_header_id|>\n\n"
-    assert t.decode(fmt.encode_message({"role": "user", "content": "hi"})) == (
+    assert tok.decode(header) == "<|start_header_id|>ipython<|end_header_id|>\n\n"
+    assert tok.decode(fmt.encode_message({"role": "user", "content": "hi"})) == (
         "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
     )
 
 
-def test_dialog_with_mask_marks_only_assistant_content_and_end():
-    t, fmt = ours(), tk.ChatFormat(ours())
+def test_dialog_with_mask_marks_only_assistant_content_and_end(tok):
+    fmt = ChatFormat(tok)
     messages = DIALOGS["ipython"] + [{"role": "assistant", "content": "3**5 is 243."}]
     tokens, mask = fmt.encode_dialog_with_mask(messages)
     assert len(tokens) == len(mask)
     # The prompt form is the same dialog plus an open assistant header.
     assert tokens + fmt.encode_header("assistant") == reference_dialog_tokens(messages)
-    learned = [tok for tok, m in zip(tokens, mask) if m]
+    learned = [i for i, m in zip(tokens, mask) if m]
     expected = []
     for m in messages:
         if m["role"] == "assistant":
-            end = t.eom_id if m.get("stop_reason") == "end_of_message" else t.eot_id
-            expected += t.encode(m["content"], bos=False, eos=False) + [end]
+            end = tok.eom_id if m.get("stop_reason") == "end_of_message" else tok.eot_id
+            expected += tok.encode(m["content"], bos=False, eos=False) + [end]
     assert learned == expected
-    assert t.decode(learned) == "<|python_tag|>print(3**5)<|eom_id|>3**5 is 243.<|eot_id|>"
+    assert tok.decode(learned) == "<|python_tag|>print(3**5)<|eom_id|>3**5 is 243.<|eot_id|>"
     assert not mask[0]  # BOS
 
 
@@ -1048,9 +1048,9 @@ def test_dialog_with_mask_marks_only_assistant_content_and_end():
         ([{"role": "assistant", "content": "x", "stop_reason": "eom"}], r"message 0: 'stop_reason'"),
     ],
 )
-def test_bad_messages_raise(messages, match):
+def test_bad_messages_raise(tok, messages, match):
     with pytest.raises(ValueError, match=match):
-        tk.ChatFormat(ours()).encode_dialog_prompt(messages)
+        ChatFormat(tok).encode_dialog_prompt(messages)
 
 
 # -----------------------------------------------------------------------------
@@ -1215,8 +1215,7 @@ def split_docs(paths) -> list:
     return [stream[a:b].tolist() for a, b in zip(starts, starts[1:])]
 
 
-def test_prepare_writes_shuffled_bos_eos_documents_and_masks_chat(tmp_path):
-    tok = Tokenizer(default_tokenizer_path())
+def test_prepare_writes_shuffled_bos_eos_documents_and_masks_chat(tmp_path, tok):
     texts = [f"Document number {i} says hello {'world ' * (i % 4)}." for i in range(18)]
     folder = tmp_path / "in"
     folder.mkdir()
@@ -1261,7 +1260,7 @@ def test_prepare_again_replaces_its_earlier_shards(tmp_path):
     assert len(many) > 1 and sorted(p.name for p in (tmp_path / "d").glob("train_*.bin")) == ["train_000000.bin"]
 
 
-def test_tinystories_from_a_local_archive(tmp_path):
+def test_tinystories_from_a_local_archive(tmp_path, tok):
     stories = {f"data{i:02d}.json": [{"story": f"  Once upon a time {i}.{j}  "} for j in range(3)]
                for i in range(3)}
     archive = tmp_path / "ts.tar.gz"
@@ -1272,7 +1271,6 @@ def test_tinystories_from_a_local_archive(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     written = llama31.tinystories(str(tmp_path / "ts"), url=archive.as_uri(), max_files=2, val_fraction=0.2)
-    tok = Tokenizer(default_tokenizer_path())
     docs = split_docs(written["train"] + written["val"])
     assert sorted(tok.decode(d) for d in docs) == sorted(
         f"<|begin_of_text|>Once upon a time {i}.{j}<|end_of_text|>" for i in range(2) for j in range(3))
