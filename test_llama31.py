@@ -43,7 +43,7 @@ TOL = 1e-4  # max abs logit difference against Meta in float32; fixed, never loo
 
 
 # -----------------------------------------------------------------------------
-# shared: the tiny model and its checkpoints, the tokenizer, subprocesses
+# shared: the tiny model, checkpoints of it in Meta's format, the fixtures built on them
 
 VOCAB = 128256
 BOS, EOS = llama31.BOS_ID, 128001
@@ -58,6 +58,7 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multi
 # are most of them), 33 MB checkpoints; those tests' thresholds were set on this shape.
 DIM32 = dict(dim=32, multiple_of=16, ffn_dim_multiplier=None, use_scaled_rope=False, max_seq_len=64)
 SEQ, BATCH = 64, 4  # the runtime sizes Llama.build gets in the parity tests
+CPU = torch.device("cpu")
 
 
 def tiny_args(**kw) -> llama31.ModelArgs:
@@ -135,7 +136,8 @@ def init_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-CPU = torch.device("cpu")
+# -----------------------------------------------------------------------------
+# shared: checkpoint files written one by one to be broken (params.json and .pth for the error and fuzz tests)
 
 
 class StateDict(dict):
@@ -221,6 +223,10 @@ def mutate_sd(sd: dict, kind: str, key: str):
     elif kind == "tensor":
         return sd[key]
     return sd
+
+
+# -----------------------------------------------------------------------------
+# shared: the tokenizer, signal handlers, the GPU mark, fuzz settings, subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -1457,7 +1463,7 @@ def test_gpu_flex_attention_document_masking_equals_the_dense_mask():
 # -----------------------------------------------------------------------------
 # training: the loop
 
-B, T = 2, 32
+B, T = 2, 32  # the training tests' micro-batch: 2 rows of 32 tokens
 
 
 @pytest.fixture(scope="module")
