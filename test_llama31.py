@@ -651,7 +651,7 @@ def failing_after(n: int, real, exc=OSError):
 def test_failed_save_leaves_no_partial_step_dir(tmp_path, monkeypatch, where):
     out = tmp_path / "out"
     old = out / "step_000001"
-    extra = {"optimizer": {}, "loaders": [{"shard": 0, "position": 0}], "rng": torch.get_rng_state(), "step": 1}
+    extra = {"optimizer": {}, "loaders": [{"shard": 0, "position": 0}], "step": 1}
     llama31.save_checkpoint(tiny_model(seed=1, **DIM32), old, default_tokenizer_path(), extra)
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     if where == "tokenizer":
@@ -1652,7 +1652,7 @@ def test_resume_from_a_broken_train_state_is_a_value_error_naming_it(init_ckpt, 
     step = tmp_path / "step_000001"
     model = tiny_model(seed=0, **DIM32)
     optimizer = llama31.configure_optimizer(model, 1e-3, 0.1, CPU)
-    extra = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": 1}  # no "loaders"
+    extra = {"optimizer": optimizer.state_dict(), "step": 1}  # no "loaders"
     llama31.save_checkpoint(model, step, default_tokenizer_path(), extra)
     if case == "random_bytes":
         (step / "train_state.pt").write_bytes(np.random.default_rng(0).bytes(3000))
@@ -2028,7 +2028,7 @@ def test_pickled_code_in_checkpoint_files_never_runs(init_ckpt, train_data, tmp_
 
     # in train_state.pt, read by --resume
     out = tmp_path / "out"
-    extra = {"optimizer": {}, "loaders": [{"shard": 0, "position": 0}], "rng": torch.get_rng_state(), "step": 1}
+    extra = {"optimizer": {}, "loaders": [{"shard": 0, "position": 0}], "step": 1}
     llama31.save_checkpoint(tiny_model(seed=0, **DIM32), out / "step_000001", default_tokenizer_path(), extra)
     write_evil(out / "step_000001" / "train_state.pt", {**extra, "evil": Payload(marker)})
     with pytest.raises(Exception):
