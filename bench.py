@@ -9,9 +9,10 @@ a preset shape, so no checkpoint is needed.
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
-measured copy bandwidth / bytes read per step (the weights but the embedding, of which a step reads one row
-per token, in their stored format, int8 or int4 with their scales; plus the KV cache). Training is matmul-bound: MFU is
-model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is printed beside it.
+measured copy bandwidth / bytes read per step: the weights in their stored format (int8 or int4 with their
+scales), but not the embedding, of which a step reads one row per token; plus the KV cache. Training is
+matmul-bound: MFU is model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is
+printed beside it.
 """
 
 import contextlib
@@ -92,6 +93,7 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
     layer in bf16 when quantizing. --profile: also print where one batch-1 generation's GPU time goes,
     kernel by kernel."""
     modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)  # fire may pass a tuple
+    batch_sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)  # --batch_sizes 1
     for mode in modes:
         llama31.check_quantize(None if mode == "bf16" else mode, group_size)
     device = llama31.pick_device("cuda")

@@ -22,9 +22,9 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Callable, Optional
 
 import numpy as np
@@ -320,7 +320,6 @@ class Attention(nn.Module):
             kv_dim = self.n_kv_heads * self.head_dim
             xq, xk, xv = xqkv.split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
         else:
-
             xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         xq = xq.view(B, T, self.n_heads, self.head_dim)
         xk = xk.view(B, T, self.n_kv_heads, self.head_dim)
@@ -922,7 +921,9 @@ def check_memory(model: Transformer, device: torch.device, dtype: Optional[torch
     kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim * (
         dtype.itemsize)
     need = model_bytes(model, dtype) + kv_cache
-    free = torch.cuda.mem_get_info(device)[0] if free is None else free
+    if free is None:  # the device's free memory and what this process holds cached but unused
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+            device)
     if need > free:
         options = {q: model_bytes(meta_model(args, q, group_size, device), dtype) for q in QUANTIZE_CHOICES}
         raise ValueError(
@@ -1021,16 +1022,15 @@ def read_meta_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, Checkpoi
     cat_dims, shapes = {}, {}  # the dim along which each weight's parts are joined (None: whole in file 0)
     for key in shards[0]:
         parts = [sd[key] for sd in shards]
-        dim = None if len(shards) == 1 else 0 if key.endswith(COLUMN_PARALLEL) else 1 if key.endswith(
-            ROW_PARALLEL) else None
-        if dim is not None:
+        shapes[key], cat_dims[key] = parts[0].shape, None
+        if len(shards) > 1 and key.endswith(COLUMN_PARALLEL + ROW_PARALLEL):
+            dim = cat_dims[key] = 0 if key.endswith(COLUMN_PARALLEL) else 1
             other = 1 - dim
             if any(t.ndim != 2 or t.shape[other] != parts[0].shape[other] for t in parts):
                 raise ValueError(f"{key} has shapes {[tuple(t.shape) for t in parts]} across {ckpt_dir}'s files, "
                                  f"which cannot be joined along dim {dim}: the files do not fit together")
-        cat_dims[key] = dim
-        shapes[key] = parts[0].shape if dim is None else parts[0].shape[:dim] + (
-            sum(t.shape[dim] for t in parts),) + parts[0].shape[dim + 1:]
+            shapes[key] = torch.Size([sum(t.shape[0] for t in parts), parts[0].shape[1]] if dim == 0 else
+                                     [parts[0].shape[0], sum(t.shape[1] for t in parts)])
 
     def read(key, dim, start, stop):
         parts, cat = [sd[key] for sd in shards], cat_dims[key]

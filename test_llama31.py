@@ -2363,8 +2363,13 @@ def unit_gain_state_dict(params: dict, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in llama31.Transformer(llama31.ModelArgs(**params)).state_dict().items()}
-    return {k: (1 + 0.1 * torch.randn(shape, generator=g) if len(shape) == 1 else torch.randn(shape, generator=g)
-                / (1 if k.startswith("tok_") else math.sqrt(shape[1]))).to(torch.bfloat16) for k, shape in shapes.items()}
+    sd = {}
+    for k, shape in shapes.items():
+        if len(shape) == 1:
+            sd[k] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            sd[k] = torch.randn(shape, generator=g) / (1 if k.startswith("tok_") else math.sqrt(shape[1]))
+    return {k: v.to(torch.bfloat16) for k, v in sd.items()}
 
 
 @pytest.fixture(scope="module")
