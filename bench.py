@@ -2,14 +2,17 @@
 Speed of llama31.py on one GPU, against the card's own limits measured in the same run. Random weights of
 a preset shape, so no checkpoint is needed.
 
-    python bench.py decode                      # Llama 3.1 8B shape, batch 1 and 8, compiled decode
-    python bench.py decode --hf                 # also transformers' static-cache compiled generate
+    python bench.py decode                      # Llama 3.1 8B shape, bf16 / int8 / int4, batch 1 and 8, compiled
+    python bench.py decode --model llama3.1-70b --quantize int8,int4 --batch_sizes 1   # 70B on one H200
+    python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
-measured copy bandwidth / bytes read per step (weights + the KV cache). Training is matmul-bound: MFU is
-model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is printed beside it.
+measured copy bandwidth / bytes read per step: the weights in their stored format (int8 or int4 with their
+scales), but not the embedding, of which a step reads one row per token; plus the KV cache. Training is
+matmul-bound: MFU is model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is
+printed beside it.
 """
 
 import contextlib
@@ -49,76 +52,117 @@ def measure_card(device) -> tuple[float, float]:
     return bw, flops
 
 
-def random_model(name: str, device, dtype, max_seq_len: int, max_batch_size: int) -> llama31.Transformer:
-    """A preset-shaped model with random weights, built on the meta device and materialised once on device
-    in its final dtype (no float32 copy of 8B parameters)."""
+def random_model(name: str, device, dtype, max_seq_len: int, max_batch_size: int, quantize=None,
+                 group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True) -> llama31.Transformer:
+    """A preset-shaped model with random weights (normal(0, 0.02), norms at one), ready to generate. Built on
+    the meta device and given its weights tensor by tensor, drawn on the GPU as load_weights asks for them and
+    quantized as they come with `quantize`: the path of a real checkpoint, and no bf16 70B ever exists."""
     args = llama31.preset(name, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    model = llama31.meta_model(args, quantize, group_size, device, quantize_output)
+    llama31.check_memory(model, device, dtype, f"the {name} preset", group_size)
     with torch.device("meta"):
-        model = llama31.Transformer(args)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if args.tie_word_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.init_weights(torch.Generator(device=device).manual_seed(0))
-    model.reset_rope()
+        shapes = {k: v.shape for k, v in llama31.Transformer(args).state_dict().items()}
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def read(key, dim, start, stop):
+        if key.endswith("norm.weight"):
+            return torch.ones(shapes[key], device=device, dtype=dtype)
+        return torch.randn(shapes[key], generator=g, device=device, dtype=dtype) * 0.02
+    weights = llama31.CheckpointWeights(shapes, dict.fromkeys(shapes, dtype), read)
+    llama31.load_weights(model, weights, f"random {name}", device, dtype)
+    model.eval()
+    if quantize is None:
+        model.fuse_weights()  # as Llama.build does
     return model
 
 
+def weight_bytes_read(net: llama31.Transformer) -> int:
+    """The bytes of weights one decode step reads: every linear layer and norm. Not the embedding, of which
+    it reads one row per token (a tied output layer reads it whole, as the output layer)."""
+    kinds = (torch.nn.Linear, llama31.RMSNorm, llama31.Int8Linear, llama31.Int4Linear)
+    return sum(t.numel() * t.element_size() for m in net.modules() if isinstance(m, kinds)
+               for t in m.state_dict().values())
+
+
 def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256, batch_sizes: tuple = (1, 8),
-           compile: bool = True, hf: bool = False, profile: bool = False):
-    """Time generation: compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline.
-    --profile: also print where one batch-1 generation's GPU time goes, kernel by kernel."""
+           compile: bool = True, hf: bool = False, profile: bool = False, quantize="bf16,int8,int4",
+           group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True):
+    """Time generation for each of --quantize (comma-separated: bf16, int8, int4; one model after another, in
+    one run): compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline, peak memory
+    while loading and while generating. --group_size: int4's; --quantize_output False keeps the output
+    layer in bf16 when quantizing. --profile: also print where one batch-1 generation's GPU time goes,
+    kernel by kernel."""
+    modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)  # fire may pass a tuple
+    batch_sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)  # --batch_sizes 1
+    for mode in modes:
+        llama31.check_quantize(None if mode == "bf16" else mode, group_size)
     device = llama31.pick_device("cuda")
     bw, mm = measure_card(device)
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     max_seq_len = prompt_len + gen_len
-    net = random_model(model, device, torch.bfloat16, max_seq_len, max(batch_sizes))
-    args = net.params
-    net.eval().fuse_weights()  # as Llama.build does
-    llama = llama31.Llama(net, Tokenizer(default_tokenizer_path()), compile=compile)
-    llama.tokenizer.stop_tokens = []  # random weights: every run makes exactly gen_len tokens
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     rows = []
-    for B in batch_sizes:
-        prompts = torch.randint(0, 128000, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
-        t0 = time.time()
-        llama.generate(prompts, gen_len, temperature=0)  # warm-up: compiles and records the CUDA graph
-        torch.cuda.synchronize()
-        warmup = time.time() - t0
-        tokens = torch.tensor(prompts, device=device)
-        net.setup_caches(B, max_seq_len)
-        with torch.inference_mode():
-            ttft = cuda_time(lambda: llama31.prefill(net, tokens, torch.arange(prompt_len, device=device)), 5)
+    for mode in modes:
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
         t0 = time.time()
-        llama.generate(prompts, gen_len, temperature=0)
-        torch.cuda.synchronize()
-        total = time.time() - t0
-        per_seq = (gen_len - 1) / (total - ttft)  # decode steps per second, each making B tokens
-        kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * max_seq_len * args.head_dim * 2
-        roofline = bw / (weight_bytes + kv_bytes)
-        rows.append((f"llama31 {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
-                     100 * per_seq / roofline, torch.cuda.max_memory_allocated() / 2 ** 30))
-        print_table(model, prompt_len, gen_len, rows)
-        if profile and B == batch_sizes[0]:
-            from torch.profiler import ProfilerActivity
-            with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                llama.generate(prompts, 64, temperature=0)
-                torch.cuda.synchronize()
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        net = random_model(model, device, torch.bfloat16, max_seq_len, max(batch_sizes),
+                           None if mode == "bf16" else mode, group_size, quantize_output)
+        load_s, load_gib = time.time() - t0, torch.cuda.max_memory_allocated() / 2 ** 30
+        args = net.params
+        llama = llama31.Llama(net, Tokenizer(default_tokenizer_path()), compile=compile)
+        llama.tokenizer.stop_tokens = []  # random weights: every run makes exactly gen_len tokens
+        weight_bytes = weight_bytes_read(net)
+        what = mode + (f" g{group_size}" if mode == "int4" else "")
+        what += " (bf16 output)" if mode != "bf16" and not quantize_output else ""
+        print(f"{what}: built in {load_s:.1f}s, peak {load_gib:.1f} GiB while building; a decode step reads "
+              f"{weight_bytes / 1e9:.2f} GB of weights", flush=True)
+        for B in batch_sizes:
+            prompts = torch.randint(0, 128000, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
+            t0 = time.time()
+            llama.generate(prompts, gen_len, temperature=0)  # warm-up: compiles and records the CUDA graph
+            torch.cuda.synchronize()
+            warmup = time.time() - t0
+            tokens = torch.tensor(prompts, device=device)
+            net.setup_caches(B, max_seq_len)
+            with torch.inference_mode():
+                ttft = cuda_time(lambda: llama31.prefill(net, tokens, torch.arange(prompt_len, device=device)), 5)
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize()
+            t0 = time.time()
+            llama.generate(prompts, gen_len, temperature=0)
+            torch.cuda.synchronize()
+            total = time.time() - t0
+            per_seq = (gen_len - 1) / (total - ttft)  # decode steps per second, each making B tokens
+            kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * max_seq_len * args.head_dim * 2
+            roofline = bw / (weight_bytes + kv_bytes)
+            rows.append((f"llama31 {what} {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
+                         100 * per_seq / roofline, load_gib, torch.cuda.max_memory_allocated() / 2 ** 30))
+            print_table(model, prompt_len, gen_len, rows)
+            if profile and B == batch_sizes[0]:
+                from torch.profiler import ProfilerActivity
+                with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    llama.generate(prompts, 64, temperature=0)
+                    torch.cuda.synchronize()
+                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+        del llama, net
+        torch._dynamo.reset()  # frees the CUDA graphs recorded for this model before the next is built
+        torch.cuda.empty_cache()
     if hf:
-        rows += hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes)
+        args = llama31.preset(model, max_seq_len=max_seq_len)
+        bf16_bytes = weight_bytes_read(llama31.meta_model(args, None, group_size, device).to(torch.bfloat16))
+        rows += hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, bf16_bytes)
         print_table(model, prompt_len, gen_len, rows)
 
 
 def print_table(model, prompt_len, gen_len, rows):
-    print(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, bf16, {torch.cuda.get_device_name()}")
-    print(f"{'what':<28}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}{'peak GiB':>10}")
-    for name, B, warm, ttft_ms, tps, pct, mem in rows:
-        print(f"{name:<28}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{mem:>10.1f}", flush=True)
+    print(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, {torch.cuda.get_device_name()}")
+    print(f"{'what':<36}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}"
+          f"{'load GiB':>10}{'peak GiB':>10}")
+    for name, B, warm, ttft_ms, tps, pct, load, mem in rows:
+        print(f"{name:<36}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{load:>10.1f}{mem:>10.1f}",
+              flush=True)
 
 
-def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
+def hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
     """transformers' LlamaForCausalLM with its static cache and compiled forward, on the same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
@@ -144,8 +188,9 @@ def hf_decode(net, args, device, prompt_len, gen_len, batch_sizes, bw, weight_by
         total = time.time() - t0
         kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * (prompt_len + gen_len) * args.head_dim * 2
         per_seq = gen_len / total
-        rows.append(("transformers static+compile", B, warmup, float("nan"), per_seq * B,
-                     100 * per_seq / (bw / (weight_bytes + kv_bytes)), torch.cuda.max_memory_allocated() / 2 ** 30))
+        rows.append(("transformers bf16 static+compile", B, warmup, float("nan"), per_seq * B,
+                     100 * per_seq / (bw / (weight_bytes + kv_bytes)), float("nan"),
+                     torch.cuda.max_memory_allocated() / 2 ** 30))
     del hf
     return rows
 

@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -314,9 +315,10 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis, input_pos=None, mask=None):
         B, T, _ = x.shape
-        if self.wqkv is not None:
-            xq, xk, xv = F.linear(x, self.wqkv).split([self.wq.out_features, self.wk.out_features,
-                                                       self.wv.out_features], dim=-1)
+        if self.wqkv is not None:  # a fused matrix (see fuse_weights), or a quantized linear (quantize_linears)
+            xqkv = self.wqkv(x) if isinstance(self.wqkv, nn.Module) else F.linear(x, self.wqkv)
+            kv_dim = self.n_kv_heads * self.head_dim
+            xq, xk, xv = xqkv.split([self.n_heads * self.head_dim, kv_dim, kv_dim], dim=-1)
         else:
             xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         xq = xq.view(B, T, self.n_heads, self.head_dim)
@@ -356,7 +358,10 @@ class FeedForward(nn.Module):
         self.w13 = fuse_linears(self.w1, self.w3)
 
     def forward(self, x):
-        a, b = F.linear(x, self.w13).chunk(2, dim=-1) if self.w13 is not None else (self.w1(x), self.w3(x))
+        if self.w13 is not None:  # a fused matrix (see fuse_weights), or a quantized linear (quantize_linears)
+            a, b = (self.w13(x) if isinstance(self.w13, nn.Module) else F.linear(x, self.w13)).chunk(2, dim=-1)
+        else:
+            a, b = self.w1(x), self.w3(x)
         return self.w2(F.silu(a) * b)  # SwiGLU
 
 
@@ -502,7 +507,7 @@ class Transformer(nn.Module):
         h = self.hidden(inputs, mask=mask)
         # differs from a plain F.cross_entropy(self.output(h).float(), ...): the same loss, without the
         # whole float32 logits (see LinearCrossEntropy)
-        weight = self.output.weight
+        weight = self.output.weight if isinstance(self.output, nn.Linear) else self.output.dequantize(h.dtype)
         if torch.is_autocast_enabled(h.device.type):  # what autocast would do to self.output(h)
             dtype = torch.get_autocast_dtype(h.device.type)
             h, weight = h.to(dtype), weight.to(dtype)
@@ -533,6 +538,159 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.fuse_weights()
             layer.feed_forward.fuse_weights()
+
+
+# -----------------------------------------------------------------------------
+# quantization: int8 and int4 weight-only
+#
+# A decode step reads every weight once to make one token per sequence, so its speed is the bytes it reads
+# (bench.py's roofline). Weight-only quantization stores the blocks' linear weights in fewer bits and keeps
+# the activations in bf16: int8 reads half the bytes of bf16, int4 a little over a quarter. As in gpt-fast's
+# quantize.py, quantized linears replace the nn.Linear modules; the embedding stays as it is (one row is read
+# per token), and so do the norms.
+
+QUANTIZE_CHOICES = ("int8", "int4")
+# int4 weights share a scale and a zero point (2 bf16) in groups of 64 along each row: 0.5625 bytes a weight
+# (128 would give 0.53125, 6% fewer bytes). Smaller groups follow the weights more closely, and quality is the
+# harder target: torchao's Llama 3.1 8B int4 numbers (1.90x bf16's speed, perplexity 7.54 -> 8.44) are for 64.
+INT4_GROUP_SIZE = 64
+TINY_SCALE = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group, which stays zero
+
+
+def check_quantize(quantize: Optional[str], group_size: int):
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)} "
+                         "(or leave it out for unquantized weights)")
+    if quantize == "int4" and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"--group_size {group_size!r} must be 32, 64, 128 or 256 (the group sizes of PyTorch's "
+                         "int4 kernel)")
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per output channel: w ~ q * scale, within half a step (scale / 2) for
+    every weight. w (n, k) float -> q (n, k) int8, scales (n,) bf16."""
+    w = w.float()
+    # the scale is kept in bf16, within 2^-8 of max|w| / 127: max|w| / scale <= 127 / (1 - 2^-8) < 127.5, so
+    # every weight still rounds to a q within [-127, 127] and the rounding is never clamped
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of group_size along each row, in the convention of PyTorch's int4 kernel:
+    w ~ (q - 8) * scale + zero with q in [0, 15] (the zero is the value of q = 8), within half a step
+    (scale / 2) for every weight. w (n, k) float -> q (n, k) uint8, scales_and_zeros (k / group_size, n, 2)
+    bf16, the kernel's layout."""
+    n, k = w.shape
+    g = w.float().view(n, k // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (n, groups)
+    zeros = (lo + 8 * (hi - lo) / 15).to(torch.bfloat16).float()  # the grid's 9th of 16 points, kept in bf16
+    # the step that reaches both ends of the group from the rounded zero; kept in bf16 (within 2^-8), the grid
+    # [zero - 8 step, zero + 7 step] still covers every weight to within half a step
+    scales = torch.maximum((hi - zeros) / 7, (zeros - lo) / 8).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    q = torch.round((g - zeros[..., None]) / scales.float()[..., None]) + 8
+    scales_and_zeros = torch.stack([scales, zeros.to(torch.bfloat16)], dim=-1).transpose(0, 1).contiguous()
+    return q.clamp(0, 15).to(torch.uint8).view(n, k), scales_and_zeros
+
+
+class Int8Linear(nn.Module):
+    """A linear layer of int8 weights (out_features, in_features) with one bf16 scale per output channel,
+    computed in the input's dtype. Compiled, the int8 -> bf16 conversion fuses into the matmul, which then
+    reads one byte per weight. `sources` name the float weights it stacks, beside it in its parent module."""
+
+    def __init__(self, in_features: int, out_features: int, sources: tuple):
+        super().__init__()
+        self.in_features, self.out_features, self.sources = in_features, out_features, sources
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+
+    def quantize(self, w: torch.Tensor) -> dict:
+        q, scales = quantize_int8(w)
+        return {"weight": q, "scales": scales}
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer of int4 weights in groups (see quantize_int4). On a CUDA device the weights are in the
+    tile layout of PyTorch's int4 kernel (torch.ops.aten._weight_int4pack_mm, tinygemm), which reads half a
+    byte per weight and computes in bf16 whatever the model's dtype; elsewhere they are two to a byte
+    (the even column in the high half, as the kernel's packing op takes them) and are dequantized for each
+    call: the reference semantics the kernel is tested against."""
+
+    def __init__(self, in_features: int, out_features: int, sources: tuple, group_size: int, tiled: bool):
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"--group_size {group_size} does not divide the {in_features} inputs of a linear "
+                             "layer of this model; choose one of 32, 64, 128, 256 that does")
+        if tiled and out_features % 8:
+            raise ValueError(f"a linear layer of {out_features} outputs cannot use the int4 kernel, which needs a "
+                             "multiple of 8; use --quantize int8")
+        self.in_features, self.out_features, self.sources = in_features, out_features, sources
+        self.group_size = group_size
+        if tiled:  # (n / 8, k / (16 inner_k_tiles), 32, inner_k_tiles / 2) int32; 8 k-tiles a 16-byte load
+            inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+            weight = torch.empty(out_features // 8, in_features // (16 * inner_k_tiles), 32, inner_k_tiles // 2,
+                                 dtype=torch.int32)
+        else:
+            weight = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2,
+                                                             dtype=torch.bfloat16))
+
+    def quantize(self, w: torch.Tensor) -> dict:
+        q, scales_and_zeros = quantize_int4(w, self.group_size)
+        packed = q[:, ::2] << 4 | q[:, 1::2]  # (n, k / 2) uint8
+        if self.weight.dtype == torch.int32:  # into the kernel's tiles, on the GPU
+            packed = torch.ops.aten._convert_weight_to_int4pack(packed, self.weight.shape[-1] * 2)
+        return {"weight": packed, "scales_and_zeros": scales_and_zeros}
+
+    def forward(self, x):
+        if self.weight.dtype == torch.int32:
+            y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight,
+                                                   self.group_size, self.scales_and_zeros)
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weights (out_features, in_features): (q - 8) * scale + zero, computed in float32 (exact
+        but for the last bit of the sum) and rounded once to dtype, as the kernel rounds its bf16 fma."""
+        q = torch.stack([self.weight >> 4, self.weight & 15], dim=-1).view(self.out_features, self.in_features)
+        scales, zeros = self.scales_and_zeros.float().repeat_interleave(self.group_size, dim=0).unbind(-1)
+        return ((q.float() - 8) * scales.t() + zeros.t()).to(dtype)
+
+
+def quantize_linears(model: Transformer, quantize: str, group_size: int, device: torch.device,
+                     output: bool = True) -> Transformer:
+    """Replace the linear layers of every block of a model on the meta device by quantized ones, which
+    load_weights then fills: wq/wk/wv as one matrix (wqkv) and w1/w3 as one (w13), so a decode step reads
+    them in two matmul kernels instead of five, as Transformer.fuse_weights does for float weights. With
+    output=True the output layer becomes int8 too: it is 1/15 of 8B's bf16 bytes but 1/5 of its int4 bytes,
+    and int8 with a scale per row (per token) keeps the logits close. The model can no longer be trained."""
+    args = model.params
+
+    def linear(in_features, out_features, sources):
+        if quantize == "int8":
+            return Int8Linear(in_features, out_features, sources)
+        return Int4Linear(in_features, out_features, sources, group_size, tiled=device.type == "cuda")
+    qkv_dim = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+    with torch.device("meta"):
+        for layer in model.layers:
+            attention, ffn = layer.attention, layer.feed_forward
+            attention.wqkv = linear(args.dim, qkv_dim, ("wq", "wk", "wv"))
+            attention.wo = linear(args.n_heads * args.head_dim, args.dim, ("wo",))
+            attention.wq = attention.wk = attention.wv = None
+            ffn.w13 = linear(args.dim, 2 * args.hidden_dim, ("w1", "w3"))
+            ffn.w2 = linear(args.hidden_dim, args.dim, ("w2",))
+            ffn.w1 = ffn.w3 = None
+        if output:
+            model.output = Int8Linear(args.dim, args.vocab_size, ("output",))
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -585,18 +743,26 @@ class Llama:
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
-              device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False) -> "Llama":
+              device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False,
+              quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE) -> "Llama":
         """Load a Meta checkpoint directory (params.json + consolidated.NN.pth) or a Hugging Face one
         (config.json + safetensors). device: cuda, then mps, then cpu by default; dtype: bfloat16 on a
-        GPU that supports it, else float32."""
+        GPU that supports it, else float32. quantize: "int8" or "int4" (groups of group_size) weights,
+        quantized tensor by tensor as they are read (see quantize_linears)."""
+        check_quantize(quantize, group_size)
         device = pick_device(device)
         dtype = pick_dtype(dtype, device)
         t0 = time.time()
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
-                                      max_batch_size=max_batch_size, device=device, dtype=dtype)
-        print0(f"loaded {ckpt_dir} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, "
-               f"{dtype}, {device}) in {time.time() - t0:.1f}s", file=sys.stderr)
-        model.eval().fuse_weights()
+                                      max_batch_size=max_batch_size, device=device, dtype=dtype, quantize=quantize,
+                                      group_size=group_size)
+        weights = f"{quantize} weights, " if quantize else ""
+        peak = f", peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
+        print0(f"loaded {ckpt_dir} ({model_bytes(model, dtype) / 2 ** 30:.2f} GiB, {weights}{dtype}, {device}"
+               f"{peak}) in {time.time() - t0:.1f}s", file=sys.stderr)
+        model.eval()
+        if quantize is None:
+            model.fuse_weights()  # (quantized linears are fused as they are made)
         return Llama(model, tokenizer, compile=compile)
 
     def check_sampling(self, temperature: float, top_p: float):
@@ -701,13 +867,15 @@ class Llama:
 
 def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
                max_batch_size: int = 1, device: torch.device = torch.device("cpu"),
-               dtype: Optional[torch.dtype] = None) -> tuple[Transformer, Tokenizer]:
+               dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
+               group_size: int = INT4_GROUP_SIZE) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a Meta checkpoint directory (params.json + consolidated.NN.pth) or a
     Hugging Face one (config.json + safetensors), built on the meta device and loaded strictly, each weight
     moved to device once. max_seq_len / max_batch_size size the RoPE table and KV caches.
     dtype: the weights' dtype on device; None keeps the checkpoint's own (convert does). Llama.build and
     the commands choose it with pick_dtype (bfloat16 on a GPU that has it, else float32); train uses its
-    master dtype."""
+    master dtype. The weights are read tensor by tensor (CheckpointWeights), quantized as they are read with
+    quantize="int8" or "int4" (see quantize_linears), after a check that they fit the GPU (check_memory)."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist (or is not a directory)")
@@ -721,10 +889,48 @@ def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_s
     if args.vocab_size != tokenizer.n_words:
         raise ValueError(f"{ckpt_dir} has vocab_size={args.vocab_size} but the tokenizer has {tokenizer.n_words} "
                          "tokens; pass the checkpoint's own --tokenizer_path")
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = meta_model(args, quantize, group_size, device)
+    check_memory(model, device, dtype, str(ckpt_dir), group_size)
     load_weights(model, sd, str(ckpt_dir), device, dtype)
     return model, tokenizer
+
+
+def meta_model(args: ModelArgs, quantize: Optional[str], group_size: int, device: torch.device,
+               quantize_output: bool = True) -> Transformer:
+    """The model built on the meta device (no memory), its linears quantized for device if asked."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    return quantize_linears(model, quantize, group_size, device, quantize_output) if quantize else model
+
+
+def model_bytes(model: Transformer, dtype: torch.dtype) -> int:
+    """The bytes of a model's parameters in dtype and of its buffers in theirs (quantized weights, scales),
+    counted on the meta device as well as on any other."""
+    return (sum(p.numel() for p in model.parameters()) * dtype.itemsize  # parameters(): a tied weight once
+            + sum(b.numel() * b.element_size() for b in model.buffers()))
+
+
+def check_memory(model: Transformer, device: torch.device, dtype: Optional[torch.dtype], source: str,
+                 group_size: int, free: Optional[int] = None):
+    """Refuse, before reading any weight, a model (on the meta device) whose weights and KV cache do not fit
+    the GPU's free memory (free bytes: the device's own by default), instead of running out of it minutes
+    into loading."""
+    if device.type != "cuda":
+        return
+    args, dtype = model.params, dtype or torch.bfloat16
+    kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim * (
+        dtype.itemsize)
+    need = model_bytes(model, dtype) + kv_cache
+    if free is None:  # the device's free memory and what this process holds cached but unused
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
+            device)
+    if need > free:
+        options = {q: model_bytes(meta_model(args, q, group_size, device), dtype) for q in QUANTIZE_CHOICES}
+        raise ValueError(
+            f"{source} needs {need / 2 ** 30:.1f} GiB of GPU memory (weights and a KV cache of "
+            f"{args.max_batch_size} x {args.max_seq_len} tokens), but {device} has {free / 2 ** 30:.1f} GiB free; "
+            f"--quantize int8 needs {options['int8'] / 2 ** 30:.1f} GiB for the weights and int4 "
+            f"{options['int4'] / 2 ** 30:.1f} GiB (sample, chat and eval take --quantize)")
 
 
 def resolve_tokenizer_path(ckpt_dir: Optional[Path], tokenizer_path: Optional[str]) -> Path:
@@ -756,7 +962,44 @@ COLUMN_PARALLEL = ("attention.wq.weight", "attention.wk.weight", "attention.wv.w
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
-def read_meta_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
+class CheckpointWeights(Mapping):
+    """A checkpoint's weights under Meta's names, read from the (memory-mapped) files only when asked for:
+    whole (`weights[name]`), or one of `world` equal slices along `dim` (`weights.read(name, dim, rank,
+    world)`), touching only the files and bytes that slice lies in. Shapes and dtypes are known without
+    reading. Loading tensor by tensor (quantized, with one matrix in memory at a time) is built on it, and
+    so is tensor parallelism (a rank reads only its slices)."""
+
+    def __init__(self, shapes: dict, dtypes: dict, read: Callable[[str, Optional[int], int, int], torch.Tensor]):
+        self.shapes, self.dtypes = shapes, dtypes
+        self._read = read  # read(name, dim, start, stop): rows/columns start:stop along dim (dim None: whole)
+
+    @classmethod
+    def from_dict(cls, sd: dict) -> "CheckpointWeights":
+        return cls({k: v.shape for k, v in sd.items()}, {k: v.dtype for k, v in sd.items()},
+                   lambda k, dim, start, stop: sd[k] if dim is None else sd[k].narrow(dim, start, stop - start))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self._read(name, None, 0, 0)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def read(self, name: str, dim: Optional[int] = None, rank: int = 0, world: int = 1) -> torch.Tensor:
+        if dim is None:
+            return self[name]
+        size = self.shapes[name][dim]
+        if size % world:
+            raise ValueError(f"{name} has {size} entries along dim {dim}, which do not split into {world} equal "
+                             "slices")
+        return self._read(name, dim, rank * size // world, (rank + 1) * size // world)
+
+
+def read_meta_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, CheckpointWeights]:
     params_path = ckpt_dir / "params.json"
     if not params_path.exists():
         raise FileNotFoundError(f"{ckpt_dir} has no params.json: a Meta checkpoint directory holds params.json "
@@ -769,28 +1012,42 @@ def read_meta_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
     if [p.name for p in paths] != expected:
         raise ValueError(f"the weight files in {ckpt_dir} do not fit together: found "
                          f"{[p.name for p in paths]}, expected {expected}")
-    shards = [load_torch_file(p) for p in paths]
+    shards = [load_torch_file(p) for p in paths]  # memory-mapped: nothing is read until a tensor is used
     for sd in shards:
         sd.pop("rope.freqs", None)  # Llama 2's precomputed RoPE table; recomputed here
     for p, sd in zip(paths[1:], shards[1:]):
         if sd.keys() != shards[0].keys():
             diff = sorted(map(str, set(sd) ^ set(shards[0])))[:5]
             raise ValueError(f"{p} and {paths[0]} hold different weights (e.g. {diff}): not parts of one checkpoint")
-    if len(shards) == 1:
-        return args, shards[0]
-    merged = {}
+    cat_dims, shapes = {}, {}  # the dim along which each weight's parts are joined (None: whole in file 0)
     for key in shards[0]:
         parts = [sd[key] for sd in shards]
-        dim = 0 if key.endswith(COLUMN_PARALLEL) else 1 if key.endswith(ROW_PARALLEL) else None
-        if dim is None:  # replicated
-            merged[key] = parts[0]
-            continue
-        other = 1 - dim
-        if any(t.ndim != 2 or t.shape[other] != parts[0].shape[other] for t in parts):
-            raise ValueError(f"{key} has shapes {[tuple(t.shape) for t in parts]} across {ckpt_dir}'s files, "
-                             f"which cannot be joined along dim {dim}: the files do not fit together")
-        merged[key] = torch.cat(parts, dim=dim)
-    return args, merged
+        shapes[key], cat_dims[key] = parts[0].shape, None
+        if len(shards) > 1 and key.endswith(COLUMN_PARALLEL + ROW_PARALLEL):
+            dim = cat_dims[key] = 0 if key.endswith(COLUMN_PARALLEL) else 1
+            other = 1 - dim
+            if any(t.ndim != 2 or t.shape[other] != parts[0].shape[other] for t in parts):
+                raise ValueError(f"{key} has shapes {[tuple(t.shape) for t in parts]} across {ckpt_dir}'s files, "
+                                 f"which cannot be joined along dim {dim}: the files do not fit together")
+            shapes[key] = torch.Size([sum(t.shape[0] for t in parts), parts[0].shape[1]] if dim == 0 else
+                                     [parts[0].shape[0], sum(t.shape[1] for t in parts)])
+
+    def read(key, dim, start, stop):
+        parts, cat = [sd[key] for sd in shards], cat_dims[key]
+        if cat is None:  # one file, or a weight every file holds whole (norms)
+            return parts[0] if dim is None else parts[0].narrow(dim, start, stop - start)
+        if dim is None:
+            return torch.cat(parts, dim=cat)
+        if dim != cat:  # a slice across the cut: a piece of every file
+            return torch.cat([t.narrow(dim, start, stop - start) for t in parts], dim=cat)
+        pieces, offset = [], 0  # a slice along the cut: only the files it overlaps
+        for t in parts:
+            lo, hi = max(start, offset), min(stop, offset + t.shape[cat])
+            if lo < hi:
+                pieces.append(t.narrow(cat, lo - offset, hi - lo))
+            offset += t.shape[cat]
+        return torch.cat(pieces, dim=cat) if len(pieces) > 1 else pieces[0]
+    return args, CheckpointWeights(shapes, {k: t.dtype for k, t in shards[0].items()}, read)
 
 
 def non_finite_keys(sd: dict) -> list:
@@ -798,27 +1055,50 @@ def non_finite_keys(sd: dict) -> list:
     return [k for k, v in sd.items() if not torch.isfinite(v).all()]
 
 
-def load_weights(model: Transformer, sd: dict, source: str, device: torch.device, dtype: torch.dtype):
-    """Load sd strictly into a model built on the meta device, moving each tensor to device (and to dtype,
-    unless None: see load_model) once."""
-    if model.params.tie_word_embeddings:
-        sd.pop("output.weight", None)  # the same tensor as the embedding
-        sd["output.weight"] = sd.get("tok_embeddings.weight")
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(map(str, set(sd) - set(expected)))  # map(str): a foreign file may have other keys
+def load_weights(model: Transformer, sd: Mapping, source: str, device: torch.device, dtype: Optional[torch.dtype]):
+    """Load sd (Meta's names: a dict, or CheckpointWeights read tensor by tensor) strictly into a model built
+    on the meta device, moving each tensor to device/dtype once (dtype None keeps the checkpoint's own, for
+    convert). The quantized linears of a model made by quantize_linears get their float weights one matrix
+    at a time, quantized on the device: the float model is never whole in memory."""
+    if not isinstance(sd, CheckpointWeights):
+        sd = CheckpointWeights.from_dict(sd)
+    tie = model.params.tie_word_embeddings
+
+    def name_in_sd(k):  # tied: the output layer is the embedding, whatever the file holds under output.weight
+        return "tok_embeddings.weight" if tie and k == "output.weight" else k
+    with torch.device("meta"):
+        expected = Transformer(model.params).state_dict()  # the float model's names and shapes
+    present = (set(sd) | {"output.weight"}) if tie else set(sd)
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(map(str, present - set(expected)))  # map(str): a foreign file may have other keys
     if missing or unexpected:
         raise ValueError(f"{source} does not match the model its config describes: "
                          f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                          f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     for k, t in expected.items():
-        if sd[k].shape != t.shape:
-            raise ValueError(f"{source}: {k} has shape {tuple(sd[k].shape)}, but the config implies {tuple(t.shape)}")
-        if not sd[k].is_floating_point():
-            raise ValueError(f"{source}: {k} has dtype {sd[k].dtype}; weights must be floating point")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}, strict=True,
-                          assign=True)
-    if model.params.tie_word_embeddings:
+        shape, dtype_k = sd.shapes[name_in_sd(k)], sd.dtypes[name_in_sd(k)]
+        if shape != t.shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(shape)}, but the config implies {tuple(t.shape)}")
+        if not (isinstance(dtype_k, torch.dtype) and dtype_k.is_floating_point):
+            raise ValueError(f"{source}: {k} has dtype {dtype_k}; weights must be floating point")
+
+    def get(k, dtype):  # one float weight, read from disk now, on the device
+        t = sd[name_in_sd(k)]
+        return t.to(device=device, dtype=dtype or t.dtype)
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            # quantized from the checkpoint's own values (not from a bf16 copy of float32 weights), so a model
+            # quantizes to the same integers whatever dtype it runs in
+            parent = name.rpartition(".")[0]
+            w = torch.cat([get(f"{parent}.{s}.weight".lstrip("."), None) for s in module.sources])
+            state.update({f"{name}.{k}": v for k, v in module.quantize(w).items()})
+            del w  # freed before the next matrix is read
+    for k in model.state_dict():
+        if k not in state:
+            state[k] = state["tok_embeddings.weight"] if tie and k == "output.weight" else get(k, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if tie and isinstance(model.output, nn.Linear):
         model.output.weight = model.tok_embeddings.weight
     model.reset_rope()
 
@@ -929,9 +1209,9 @@ def meta_ffn_args(dim: int, width: int) -> dict:
     return dict(ffn_hidden_dim=width)
 
 
-def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, dict]:
+def read_hf_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, CheckpointWeights]:
     """A transformers LlamaForCausalLM directory: config.json + model.safetensors (or shards listed in
-    model.safetensors.index.json), turned into Meta's layout and names."""
+    model.safetensors.index.json), in Meta's layout and names, read tensor by tensor."""
     args = hf_model_args(ckpt_dir / "config.json", **runtime)
     return args, read_hf_weights(ckpt_dir, args)
 
@@ -976,11 +1256,11 @@ def hf_model_args(path: Path, **runtime) -> ModelArgs:
     return args
 
 
-def read_hf_weights(ckpt_dir: Path, args: ModelArgs) -> dict:
+def read_hf_weights(ckpt_dir: Path, args: ModelArgs) -> CheckpointWeights:
     """The weights of model.safetensors (or the shards its index lists) under Meta's names and layout (q and k
-    permuted back to Meta's RoPE pairing), each checked against the shape args implies."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    permuted back to Meta's RoPE pairing as they are read), each checked against the shape args implies:
+    the files' headers are read now, each weight (or a rank's slice of it) when it is asked for."""
+    from safetensors import SafetensorError, safe_open
     index = ckpt_dir / "model.safetensors.index.json"
     weight_map = read_json(index) if index.exists() else {"weight_map": {"*": "model.safetensors"}}
     weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
@@ -989,33 +1269,53 @@ def read_hf_weights(ckpt_dir: Path, args: ModelArgs) -> dict:
                                                    for n in weight_map.values()):
         raise ValueError(f"{index} needs a weight_map of weight names to file names in {ckpt_dir}")
     files = sorted(set(weight_map.values()))
-    hf = {}
+    handles = {}  # each weight's Hugging Face name -> its open file, whose header alone has been read so far
     for name in files:
         if not (ckpt_dir / name).exists():
             raise FileNotFoundError(f"{ckpt_dir} lacks {name}, which its config or index names")
         try:
-            hf.update(load_file(ckpt_dir / name))  # safetensors: plain tensors, nothing to execute
+            f = safe_open(ckpt_dir / name, framework="pt")  # safetensors: plain tensors, nothing to execute
+            handles.update({key: f for key in f.keys()})
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{ckpt_dir / name} is not a readable safetensors file ({e})") from None
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    sd = {}
+    sd_shapes, sd_dtypes, hf_names = {}, {}, {}
     for meta, shape in shapes.items():
         key = hf_name(meta)
-        if key not in hf:
+        if key not in handles:
             if meta == "output.weight" and args.tie_word_embeddings:
                 continue
             raise ValueError(f"{ckpt_dir} lacks the weight {key}")
-        w = hf.pop(key)
-        if w.shape != shape:
-            raise ValueError(f"{ckpt_dir}: {key} has shape {tuple(w.shape)}, but the config implies {tuple(shape)}")
-        if meta.endswith(("wq.weight", "wk.weight")):
-            w = hf_permute(w, args.n_heads if "wq" in meta else args.n_kv_heads, inverse=True)
-        sd[meta] = w
-    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
-    if hf:
-        raise ValueError(f"{ckpt_dir} holds weights this model does not have: {sorted(hf)[:8]}")
-    return sd
+        f = handles.pop(key)
+        w = f.get_slice(key)
+        if tuple(w.get_shape()) != shape:
+            raise ValueError(f"{ckpt_dir}: {key} has shape {tuple(w.get_shape())}, but the config implies "
+                             f"{tuple(shape)}")
+        sd_shapes[meta], hf_names[meta] = shape, (key, f)
+        sd_dtypes[meta] = SAFETENSORS_DTYPES.get(w.get_dtype(), w.get_dtype())
+    handles = {k: v for k, v in handles.items() if not k.endswith("rotary_emb.inv_freq")}
+    if handles:
+        raise ValueError(f"{ckpt_dir} holds weights this model does not have: {sorted(handles)[:8]}")
+
+    def read(meta, dim, start, stop):
+        key, f = hf_names[meta]
+        w = f.get_slice(key)
+        heads = args.n_heads if meta.endswith("wq.weight") else args.n_kv_heads if meta.endswith("wk.weight") else 0
+        if heads and dim == 0:  # q and k are permuted within each head: read the whole heads the rows lie in
+            head_dim = sd_shapes[meta][0] // heads
+            lo, hi = start // head_dim * head_dim, -(-stop // head_dim) * head_dim
+            return hf_permute(w[lo:hi], (hi - lo) // head_dim, inverse=True)[start - lo: stop - lo]
+        index = [slice(None)] * len(sd_shapes[meta])
+        if dim is not None:
+            index[dim] = slice(start, stop)
+        t = w[tuple(index)]
+        return hf_permute(t, heads, inverse=True) if heads else t
+    return CheckpointWeights(sd_shapes, sd_dtypes, read)
+
+
+# safetensors' names of the float dtypes; a weight of any other is refused by load_weights, which names it
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -1759,10 +2059,12 @@ EXAMPLE_PROMPTS = [
 def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional[str] = None,
            max_seq_len: int = 512, max_gen_len: int = 256, max_batch_size: int = 4, temperature: float = TEMPERATURE,
            top_p: float = TOP_P, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
-           compile: bool = False, echo: bool = False):
-    """Complete --prompt (streamed), or a few example prompts as one batch, with a base model."""
+           compile: bool = False, echo: bool = False, quantize: Optional[str] = None,
+           group_size: int = INT4_GROUP_SIZE):
+    """Complete --prompt (streamed), or a few example prompts as one batch, with a base model.
+    --quantize int8 | int4: quantized weights (faster on a GPU; Llama 3.1 70B fits one H200 or 80 GB card)."""
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, compile=compile)
+                        device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
     llama.check_sampling(temperature, top_p)
     device = llama.model.tok_embeddings.weight.device
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -1781,11 +2083,12 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
 
 def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
          max_gen_len: int = 1024, temperature: float = TEMPERATURE, top_p: float = TOP_P, seed: int = 1,
-         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False):
+         device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False,
+         quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE):
     """Talk with an Instruct model: multi-turn, streamed, with an optional --system prompt. An empty line or
-    end of input (Ctrl-D) ends the conversation."""
+    end of input (Ctrl-D) ends the conversation. --quantize int8 | int4 as for sample."""
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device,
-                        dtype=dtype, compile=compile)
+                        dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
     llama.check_sampling(temperature, top_p)
     rng = torch.Generator(device=llama.model.tok_embeddings.weight.device).manual_seed(seed)
     dialog = [{"role": "system", "content": system}] if system else []
@@ -1807,6 +2110,25 @@ def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[s
             continue
         print()
         dialog.append(out[0]["generation"])
+
+
+def eval_checkpoint(ckpt_dir: str, data: str = "data/val_*.bin", batch_size: int = 4, seq_len: int = 1024,
+                    steps: int = 10, quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE,
+                    tokenizer_path: Optional[str] = None, device: Optional[str] = None,
+                    dtype: Optional[str] = None) -> dict:
+    """The mean loss and perplexity of a checkpoint on --steps batches of --batch_size x --seq_len tokens of
+    shards (`prepare`), from their start, with the document masking training uses: the number that compares
+    a quantized model (--quantize) or a finetuned one with its origin. The model runs as sample runs it."""
+    for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
+        check_number(f"--{flag} {value!r}", value, lambda v: v >= 1, "an integer >= 1", integer=True)
+    llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=batch_size, device=device,
+                        dtype=dtype, quantize=quantize, group_size=group_size)
+    model = llama.model
+    loader = DistributedShardedDataLoader(data, batch_size, seq_len, vocab_size=model.params.vocab_size)
+    loss = evaluate(model, loader, steps, model.tok_embeddings.weight.device, contextlib.nullcontext())
+    print(f"{ckpt_dir}{f' ({quantize})' if quantize else ''}: loss {loss:.4f} | perplexity {math.exp(loss):.3f} | "
+          f"{steps} batches of {batch_size} x {seq_len} tokens of {data}")
+    return {"loss": loss, "perplexity": math.exp(loss)}
 
 
 def demo(out_dir: str = "out/demo", data_dir: str = "data/pydoc", max_steps: int = 100, seed: int = 1337,
@@ -1849,7 +2171,7 @@ def main():
     try:
         # results are for Python callers (tests); the commands print what a user needs
         fire.Fire({"demo": demo, "sample": sample, "chat": chat, "train": train, "prepare": prepare,
-                   "tinystories": tinystories, "convert": convert},
+                   "tinystories": tinystories, "convert": convert, "eval": eval_checkpoint},
                   serialize=lambda result: None)
     except (ValueError, OSError, FloatingPointError) as e:  # the user's to fix: one line, no traceback
         print(f"llama31: error: {e}", file=sys.stderr)
