@@ -7,6 +7,7 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
+    python bench.py train --model llama3.1-8b --batch_size 2 --lora_rank 8 [--quantize int4]   # LoRA, QLoRA
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
 measured copy bandwidth / bytes read per step: the weights in their stored format (int8 or int4 with their
@@ -195,14 +196,45 @@ def hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
     return rows
 
 
+def random_frozen_base(args: llama31.ModelArgs, device, quantize: bool) -> llama31.Transformer:
+    """A frozen bf16 base of random weights, built on the meta device and materialised one block at a time on
+    device; with quantize, each block's linear layers go to 4 bits before the next block is made, so a bf16
+    70B model never exists."""
+    with torch.device("meta"):
+        net = llama31.Transformer(args)
+    net.to(dtype=torch.bfloat16).requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def materialise(module):
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(1.0) if p.ndim == 1 else p.normal_(0, 0.02, generator=g)
+    for layer in net.layers:
+        materialise(layer)
+        if quantize:
+            llama31.quantize_block(layer, device)
+    for module in (net.tok_embeddings, net.norm, net.output):
+        materialise(module)
+    if args.tie_word_embeddings:
+        net.output.weight = net.tok_embeddings.weight
+    net.reset_rope()
+    return net
+
+
 def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, steps: int = 10,
           compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = llama31.PEAK_FLOPS,
-          doc_len: int = 0):
+          doc_len: int = 0, lora_rank: int = 0, quantize: str = ""):
     """Time training steps on random tokens: float32 master weights, bf16 matmuls, fused AdamW.
     --doc_len N packs documents of N tokens into each row (a BOS every N tokens), so attention runs
     with document masking (flex attention on a GPU); 0: one document per row. One GPU:
     bf16 autocast. Under torchrun with several GPUs: FSDP2 (llama31.shard_model), built on the meta device
-    and materialised shard by shard, so no GPU ever holds the whole float32 model."""
+    and materialised shard by shard, so no GPU ever holds the whole float32 model.
+    --lora_rank R: LoRA instead, the base frozen in bf16 and float32 adapters of rank R (alpha 2R) on every
+    linear layer of the blocks; with --quantize int4 (one GPU): QLoRA, the blocks' linear layers in 4 bits.
+    MFU then counts 4 FLOPs per frozen parameter (no weight gradients)."""
+    if quantize not in ("", "int4") or (quantize and not lora_rank):
+        raise ValueError(f"--quantize {quantize!r}: only int4, and only with --lora_rank (QLoRA)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -212,20 +244,28 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
         device = llama31.pick_device("cuda")
     _, mm = measure_card(device)
     args = llama31.preset(model, max_seq_len=seq_len)
-    with torch.device("meta"):
-        net = llama31.Transformer(args)
+    lora = llama31.LoRAArgs(lora_rank, 2.0 * lora_rank, 0.0, tuple(llama31.LORA_TARGETS)) if lora_rank else None
+    if lora is not None and world == 1:
+        net = random_frozen_base(args, device, quantize == "int4")
+        llama31.add_lora(net, lora, torch.Generator(device=device).manual_seed(1))
+    else:
+        with torch.device("meta"):
+            net = llama31.Transformer(args)
+        if lora is not None:  # FSDP2: a bf16 base sharded with the float32 adapters
+            llama31.add_lora(net.to(dtype=torch.bfloat16), lora)
     net.checkpoint_activations = activation_checkpointing
     if world > 1:
         step_fn = llama31.shard_model(net, torch.bfloat16, compile)
         autocast = contextlib.nullcontext()  # FSDP's policy casts to bf16
     else:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    net.to_empty(device=device)
-    if args.tie_word_embeddings and world == 1:
-        net.output.weight = net.tok_embeddings.weight
-    torch.manual_seed(0)  # a script: the global RNG also seeds FSDP's sharded random init
-    net.init_weights()
-    net.reset_rope()
+    if lora is None or world > 1:
+        net.to_empty(device=device)
+        if args.tie_word_embeddings and world == 1:
+            net.output.weight = net.tok_embeddings.weight
+        torch.manual_seed(0)  # a script: the global RNG also seeds FSDP's sharded random init
+        net.init_weights()
+        net.reset_rope()
     if world == 1:
         step_fn = torch.compile(net) if compile else net
     opt = llama31.configure_optimizer(net, 1e-4, 0.1, device)
@@ -249,15 +289,19 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
     torch.cuda.reset_peak_memory_stats()
     dt = cuda_time(step, steps)
     tps = B * T / dt  # per GPU
-    mfu = llama31.flops_per_token(args, T) * tps / peak_flops
+    flops = llama31.flops_per_token(args, T, frozen=lora is not None)
+    mfu = flops * tps / peak_flops
+    method = "fp32 master + bf16 compute"
+    if lora is not None:
+        method = f"{'QLoRA (int4 base)' if quantize else 'LoRA (bf16 base)'} rank {lora_rank}, fp32 adapters"
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, fp32 master + bf16 compute"
+        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, {method}"
               f"{', FSDP2' if world > 1 else ''}{', activation checkpointing' if activation_checkpointing else ''}, "
               f"{'compiled' if compile else 'eager'}{f', documents of {doc_len} tokens' if doc_len else ''}, "
               f"{torch.cuda.get_device_name()} "
               f"(measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
         print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s per GPU | MFU {100 * mfu:.1f}% of "
-              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * llama31.flops_per_token(args, T) * tps / mm:.1f}% of measured)"
+              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * flops * tps / mm:.1f}% of measured)"
               f" | peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
     if world > 1:
         dist.destroy_process_group()
