@@ -566,13 +566,19 @@ def check_quantize(quantize: Optional[str], group_size: int):
                          "int4 kernel)")
 
 
+def exact_div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b rounded correctly on every device: CUDA divides by a Python number through its reciprocal, which
+    can differ in the last bit, and quantizing must give the same integers on the GPU as on the CPU."""
+    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per output channel: w ~ q * scale, within half a step (scale / 2) for
     every weight. w (n, k) float -> q (n, k) int8, scales (n,) bf16."""
     w = w.float()
     # the scale is kept in bf16, within 2^-8 of max|w| / 127: max|w| / scale <= 127 / (1 - 2^-8) < 127.5, so
     # every weight still rounds to a q within [-127, 127] and the rounding is never clamped
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    scales = exact_div(w.abs().amax(dim=1), 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -585,10 +591,10 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     n, k = w.shape
     g = w.float().view(n, k // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (n, groups)
-    zeros = (lo + 8 * (hi - lo) / 15).to(torch.bfloat16).float()  # the grid's 9th of 16 points, kept in bf16
+    zeros = (lo + exact_div(8 * (hi - lo), 15)).to(torch.bfloat16).float()  # the grid's 9th of 16 points, in bf16
     # the step that reaches both ends of the group from the rounded zero; kept in bf16 (within 2^-8), the grid
     # [zero - 8 step, zero + 7 step] still covers every weight to within half a step
-    scales = torch.maximum((hi - zeros) / 7, (zeros - lo) / 8).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    scales = torch.maximum(exact_div(hi - zeros, 7), (zeros - lo) / 8).clamp(min=TINY_SCALE).to(torch.bfloat16)
     q = torch.round((g - zeros[..., None]) / scales.float()[..., None]) + 8
     scales_and_zeros = torch.stack([scales, zeros.to(torch.bfloat16)], dim=-1).transpose(0, 1).contiguous()
     return q.clamp(0, 15).to(torch.uint8).view(n, k), scales_and_zeros
@@ -739,7 +745,11 @@ class Llama:
         # its matmuls are large enough to run at full speed without compilation)
         self.decode = decode_one_token
         if compile:
-            self.decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+            # int8 weights: with coordinate-descent tuning inductor turns each one-row matmul into a kernel that
+            # converts the int8 weights as it reads them (gpt-fast's setting), not a bf16 copy then cuBLAS
+            int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": int8}  # cudagraphs: reduce-overhead
+            self.decode = torch.compile(decode_one_token, fullgraph=True, options=options)
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
