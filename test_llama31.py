@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -894,6 +895,37 @@ def test_training_checkpoint_holds_weights_moments_and_position_and_loads_back_e
         assert_same_state(a["state"][i], b["state"][i])  # step, exp_avg, exp_avg_sq: bitwise
 
 
+
+def test_a_training_checkpoint_is_never_overwritten_and_a_failed_save_leaves_nothing(saved, tmp_path,
+                                                                                     monkeypatch):
+    model, optimizer, step_dir = saved
+    out = step_dir.parent
+    before = {p.name: p.read_bytes() for p in step_dir.iterdir()}
+    with pytest.raises(FileExistsError, match=re.escape(f"{step_dir} already exists")):
+        llama31.Checkpointer(out).save(7, model, optimizer, 0, 0, default_tokenizer_path())
+    monkeypatch.setattr(torch, "save", failing_after(3, torch.save))  # the fourth tensor DCP writes
+    with pytest.raises(OSError, match="injected failure"):
+        llama31.Checkpointer(out).save(8, model, optimizer, 0, 0, default_tokenizer_path())
+    assert [p.name for p in out.iterdir()] == [step_dir.name]  # no step_000008, no temporary directory
+    assert {p.name: p.read_bytes() for p in step_dir.iterdir()} == before
+
+
+def test_disk_space_check_counts_weights_both_moments_and_the_export(tmp_path, monkeypatch):
+    """12 bytes a parameter for the float32 weights and AdamW's two moments (the tied embedding once), and
+    2 a parameter for the bf16 export, in which Meta's format holds the tied embedding twice."""
+    model = tiny_model(seed=0, tie_word_embeddings=True, **DIM32)
+    n = sum(p.numel() for p in model.parameters())
+    checkpoint, exported = 12 * n, 2 * (n + VOCAB * 32)
+    for free in (checkpoint + exported - 1, checkpoint + exported):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free))
+        if free < checkpoint + exported:
+            with pytest.raises(OSError, match=re.escape(f"needs about {checkpoint / 1e9:.2f} GB and its export "
+                                                        f"{exported / 1e9:.2f} GB")):
+                llama31.check_disk_space(tmp_path, model)
+        else:
+            llama31.check_disk_space(tmp_path, model)
+
+
 def assert_same_state(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
@@ -1731,6 +1763,71 @@ def test_gpu_fsdp_on_two_gpus_matches_one_gpu(init_ckpt, train_data, tmp_path):
     assert a[-1][1] < a[0][1]
 
 
+
+@cuda
+def test_gpu_async_checkpoints_hold_the_state_at_the_moment_of_saving(tmp_path):
+    """On a GPU saves are asynchronous by default: the state is copied into pinned host buffers (kept and
+    reused by the next save) and written while training goes on. Each checkpoint holds the weights and
+    moments as they were when save() returned, though they change at once after it."""
+    device = torch.device("cuda")
+    model = tiny_model(seed=0, **DIM32).to(device)
+    optimizer = llama31.configure_optimizer(model, 1e-2, 0.1, device)
+    snapshots = []
+    with llama31.Checkpointer(tmp_path, device=device) as checkpointer:
+        assert checkpointer.executor is not None  # async
+        for step in (1, 2, 3):
+            x = torch.randint(0, VOCAB, (2, 16), device=device)
+            model(x, targets=x).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            snapshots.append(({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                              {i: {k: v.cpu().clone() for k, v in s.items()}
+                               for i, s in optimizer.state_dict()["state"].items()}))
+            checkpointer.save(step, model, optimizer, 0, 64 * step, default_tokenizer_path())
+            with torch.no_grad():  # the next update starts before the checkpoint is written
+                for p in model.parameters():
+                    p.mul_(2.0)
+    for step, (weights, moments) in enumerate(snapshots, 1):
+        step_dir = tmp_path / f"step_{step:06d}"
+        assert_same_state(checkpoint_weights(step_dir), weights)
+        fresh = tiny_model(seed=9, **DIM32)
+        fresh_opt = llama31.configure_optimizer(fresh, 1e-2, 0.1, CPU)
+        assert llama31.load_training_checkpoint(step_dir, fresh, fresh_opt) == {"step": step, "shard": 0,
+                                                                              "position": 64 * step}
+        loaded = fresh_opt.state_dict()["state"]
+        for i in moments:
+            assert_same_state({k: v.cpu() for k, v in loaded[i].items()}, moments[i])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_fsdp_checkpoint_of_two_gpus_resumes_on_one_and_on_two(init_ckpt, train_data, tmp_path):
+    """Saved by FSDP2 on 2 GPUs (asynchronously, the default), resumed on 2 GPUs and on 1 (twice the
+    accumulation for the same batch): the losses continue the uninterrupted 2-GPU run's within 1e-2 relative,
+    the bf16 tolerance of test_gpu_fsdp_on_two_gpus_matches_one_gpu."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(HERE / "llama31.py")]
+
+    def cuda_flags(out, *extra):
+        return ["cuda" if a == "cpu" else a
+                for a in train_flags(init_ckpt, train_data, out, "--max_steps", 6, "--save_every", 3, *extra)]
+    run = functools.partial(subprocess.run, cwd=HERE, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
+    ref = run([*torchrun, *cuda_flags(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    for name in ("two", "one"):
+        shutil.copytree(tmp_path / "ref" / "step_000003", tmp_path / name / "step_000003")
+    two = run([*torchrun, *cuda_flags(tmp_path / "two", "--resume")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([sys.executable, str(HERE / "llama31.py"), *cuda_flags(tmp_path / "one", "--resume",
+                                                                     "--total_batch_size", 2 * B * T)])
+    assert one.returncode == 0, one.stderr[-3000:]
+    ref_log = {s: loss for s, loss, _ in logged_losses(tmp_path / "ref")}
+    for name in ("two", "one"):
+        got = logged_losses(tmp_path / name)
+        assert [s for s, _, _ in got] == [4, 5, 6]
+        assert [loss for _, loss, _ in got] == pytest.approx([ref_log[s] for s in (4, 5, 6)], rel=1e-2)
+    assert checkpoint_state(tmp_path / "one" / "step_000006") == checkpoint_state(tmp_path / "ref" / "step_000006")
+
 # -----------------------------------------------------------------------------
 # training: checkpoints and --resume
 
@@ -1792,6 +1889,99 @@ def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
     assert state_a == state_b and state_a["step"] == 6
     assert_same_weights(a_dir / "step_000006", b_dir / "step_000006")
 
+
+
+def test_two_process_fsdp_checkpoint_resumes_on_two_bitwise_and_on_one(init_ckpt, train_data, tmp_path):
+    """A checkpoint saved by 2 FSDP processes (each wrote its own half of every weight and moment) resumes on
+    2 processes bitwise and on 1 (DCP gathers the halves; the data continues from the same token): the one
+    process, with twice the accumulation for the same batch, gives the uninterrupted run's losses and norms
+    within 1e-4 relative. That is the bound test_two_processes_match_gradient_accumulation holds for the same
+    arithmetic in another order (FSDP averages 2 ranks' gradients, one process sums 2 micro-batches')."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                str(HERE / "llama31.py")]
+    flags = ("--max_steps", 6, "--save_every", 3, "--fsdp", True)
+    run = functools.partial(subprocess.run, cwd=HERE, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=240)
+    ref = run([*torchrun, *train_flags(init_ckpt, train_data, tmp_path / "ref", *flags)])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ref" / "step_000003").iterdir()) == checkpoint_files(world=2)
+    for name in ("two", "one"):
+        shutil.copytree(tmp_path / "ref" / "step_000003", tmp_path / name / "step_000003")
+    two = subprocess.Popen([*torchrun, *train_flags(init_ckpt, train_data, tmp_path / "two", *flags, "--resume")],
+                           cwd=HERE, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    one = run([sys.executable, str(HERE / "llama31.py"), *train_flags(
+        init_ckpt, train_data, tmp_path / "one", "--max_steps", 6, "--total_batch_size", 2 * B * T, "--resume")])
+    out = two.communicate(timeout=240)[0]
+    assert two.returncode == 0, out[-3000:]
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed from" in one.stderr and "1 process(es)" in one.stderr and "grad_accum=2" in one.stderr
+
+    ref_log = {s: (loss, norm) for s, loss, norm in logged_losses(tmp_path / "ref")}
+    assert sorted(ref_log) == [1, 2, 3, 4, 5, 6]
+    two_log, one_log = logged_losses(tmp_path / "two"), logged_losses(tmp_path / "one")
+    assert [(s, (loss, norm)) for s, loss, norm in two_log] == [(s, ref_log[s]) for s in (4, 5, 6)]  # bitwise
+    assert [s for s, _, _ in one_log] == [4, 5, 6]
+    for s, loss, norm in one_log:
+        assert loss == pytest.approx(ref_log[s][0], rel=1e-4, abs=0)
+        assert norm == pytest.approx(ref_log[s][1], rel=1e-4, abs=0)
+    assert_same_weights(tmp_path / "two" / "step_000006", tmp_path / "ref" / "step_000006")
+    wa, wb = checkpoint_weights(tmp_path / "one" / "step_000006"), checkpoint_weights(tmp_path / "ref" / "step_000006")
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)  # as in the 2-vs-1 test
+    # the one process saved its checkpoint alone, and each ended at the same token of the data
+    assert sorted(p.name for p in (tmp_path / "one" / "step_000006").iterdir()) == checkpoint_files(world=1)
+    state = checkpoint_state(tmp_path / "ref" / "step_000006")
+    assert checkpoint_state(tmp_path / "one" / "step_000006") == checkpoint_state(tmp_path / "two" / "step_000006") \
+        == state
+    assert_positions(state, train_data, 6, 2)
+
+
+def test_async_saves_equal_blocking_ones_keep_last_and_exports(init_ckpt, train_data, tmp_path):
+    """--async_save copies the state to host memory and writes it while training goes on: every checkpoint
+    equals the blocking run's bitwise, and so do the losses. --keep_last 2 leaves the 2 newest; the exports
+    (every 2 steps and at the end) equal the trained weights cast to bf16 exactly."""
+    kw = dict(max_steps=5, save_every=1, learning_rate=3e-3)
+    losses_a = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "a", async_save=False, **kw))
+    losses_b = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "b", async_save=True, keep_last=2,
+                                            export_every=2, **kw))
+    assert losses_a == losses_b
+    assert sorted(p.name for p in (tmp_path / "a").glob("step_*")) == [f"step_{s:06d}" for s in range(1, 6)]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["export_000002", "export_000004", "export_000005",
+                                                                 "log.jsonl", "step_000004", "step_000005"]
+    for s in (4, 5):
+        assert_same_weights(tmp_path / "a" / f"step_{s:06d}", tmp_path / "b" / f"step_{s:06d}")
+        assert checkpoint_state(tmp_path / "a" / f"step_{s:06d}") == checkpoint_state(tmp_path / "b" / f"step_{s:06d}")
+    for s in (2, 4, 5):
+        exported = torch.load(tmp_path / "b" / f"export_{s:06d}" / "consolidated.00.pth", weights_only=True)
+        trained = checkpoint_weights(tmp_path / "a" / f"step_{s:06d}")
+        assert exported.keys() == trained.keys()
+        assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], trained[k].to(torch.bfloat16))
+                   for k in trained)
+    # a training checkpoint is a --ckpt_dir to finetune from, as its weights in Meta's format (float32) are
+    llama31.convert(str(tmp_path / "a" / "step_000005"), str(tmp_path / "meta"), to="meta")
+    finetune = dict(max_steps=2, learning_rate=1e-3)
+    assert llama31.train(**train_kwargs(tmp_path / "a" / "step_000005", train_data, tmp_path / "c", **finetune)) == \
+        llama31.train(**train_kwargs(tmp_path / "meta", train_data, tmp_path / "d", **finetune))
+
+
+def test_keep_last_never_removes_the_last_complete_checkpoint(init_ckpt, train_data, tmp_path, monkeypatch):
+    """--keep_last 1: a checkpoint goes only once a newer one is whole. When the save of step 3 fails halfway
+    (say the disk fills), step 2 is still there, complete, and nothing of step 3 is."""
+    model = tiny_model(seed=0, **DIM32)
+    state = llama31.training_state(model, llama31.configure_optimizer(model, 1e-3, 0.1, CPU))
+    per_save = len(state["model"]) + sum(len(v) for v in state["optimizer"].values()) + len(state["train"])
+    # DCP writes each tensor with its own torch.save: fail in the middle of the third save
+    monkeypatch.setattr(torch, "save", failing_after(2 * per_save + per_save // 2, torch.save))
+    with pytest.raises(OSError, match="injected failure"):
+        llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path, max_steps=6, save_every=1, keep_last=1))
+    assert [d.name for d in step_dirs(tmp_path)] == ["step_000002"]
+    check_checkpoint(tmp_path / "step_000002")
+    assert not list(tmp_path.glob(".step_*"))  # the failed save left nothing behind
+    # and by itself: the newest keep_last complete ones stay, whatever else lies around
+    for name in ("step_000001", "step_000003", "step_000010", "step_000004_backup", ".step_000011.tmp1"):
+        (tmp_path / name).mkdir()
+    llama31.remove_old_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_000011.tmp1", "log.jsonl", "step_000003",
+                                                          "step_000004_backup", "step_000010"]
 
 def test_train_refuses_an_out_dir_of_another_run(init_ckpt, train_data, tmp_path):
     llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "out", max_steps=1))
@@ -1963,6 +2153,40 @@ def test_sigkill_mid_save_and_at_random_leaves_loadable_checkpoints_and_resume_i
     assert state == ref_state
     assert_positions(state, train_data, 6, 1)
 
+
+
+def test_sigkill_during_an_async_save_loses_only_that_checkpoint(init_ckpt, train_data, tmp_path):
+    """With --async_save the checkpoint of step N is written by a background thread while step N + 1 trains.
+    A kill then loses that checkpoint (all there is of it is its temporary directory), the earlier ones stay
+    complete, and --resume continues from the newest of them (removing the remains) to the end."""
+    out = tmp_path / "out"
+    flags = ("--max_steps", 8, "--save_every", 1, "--async_save", True)
+
+    def writing_in_background():  # a save of step >= 2 whose shards are being written, its index not yet
+        return out.exists() and any(p.name.startswith(".step_") and int(p.name[6:12]) >= 2
+                                    and (p / "__0_0.distcp").exists() and not (p / ".metadata").exists()
+                                    for p in out.iterdir())
+    for attempt in range(4):  # the write takes a few hundred ms: a kill can land just after it, so try again
+        log = tmp_path / f"run{attempt}.log"
+        victim = start(train_flags(init_ckpt, train_data, out, *flags, *(["--resume"] if attempt else [])), log)
+        wait_until(writing_in_background, victim, log, poll=0.001)
+        kill_tree(victim)
+        lost = list(out.glob(f".step_*.tmp{victim.pid}"))
+        if lost:
+            break
+    assert lost, "no kill landed during a background write"
+    dirs = step_dirs(out)
+    assert dirs and dirs[-1].name < lost[0].name.removeprefix(".")  # the one being written is not among them
+    for d in dirs:
+        check_checkpoint(d)
+    assert llama31.latest_checkpoint(out) == dirs[-1]
+
+    log = tmp_path / "resume.log"
+    resumed = start(train_flags(init_ckpt, train_data, out, *flags, "--resume"), log)
+    assert resumed.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert f"resumed from {dirs[-1]} at step {int(dirs[-1].name[5:])}" in log.read_text()
+    assert not list(out.glob(".step_*")), "the killed save's remains are removed"
+    check_checkpoint(out / "step_000008")
 
 # -----------------------------------------------------------------------------
 # reliability: SIGTERM / SIGINT save the current step and exit 0
@@ -2453,6 +2677,8 @@ def test_empty_shard_through_the_cli_is_a_one_line_error(cli):
     (["--total_batch_size", "100"], "--total_batch_size 100 must be a multiple of"),
     (["--device", "gpu9"], "--device 'gpu9' is not a device"),
     (["--train_data", "no_such_*.bin"], "no data shard matches 'no_such_*.bin'"),
+    (["--keep_last", "0"], "--keep_last 0 must be an integer >= 1 (the newest complete checkpoint is never removed)"),
+    (["--export_every", "-1"], "--export_every -1 must be an integer >= 0"),
 ])
 def test_train_cli_bad_flag_is_one_line_error(init_ckpt, train_data, tmp_path, flags, message):
     args = ["--ckpt_dir", str(init_ckpt), "--train_data", train_data, "--val_data", "", "--out_dir",
