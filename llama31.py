@@ -1558,6 +1558,7 @@ class Checkpointer:
         if self.group is not None:
             dist.broadcast_object_list(pid, src=0, group=self.group)
         self.tmp_suffix = f".tmp{pid[0]}"
+        # one writer for every async save (each gets its own directory), so its pinned buffers are reused
         self.writer = FileSystemWriter(out_dir, cache_staged_state_dict=device.type == "cuda") if async_save else None
         self.executor = ThreadPoolExecutor(max_workers=1) if async_save else None
         self.pending: Optional[Future] = None
@@ -1597,6 +1598,8 @@ class Checkpointer:
         self.finish(None, tmp, path, export_to)
 
     def finish(self, written: Optional[Future], tmp: Path, path: Path, export_to: Optional[Path]):
+        """After this rank's part of the save (written: its background write): rank 0 renames the directory
+        into place, exports it and removes old ones. Runs in the writer thread when the save is asynchronous."""
         if written is not None:
             try:
                 with dcp_errors(tmp):
