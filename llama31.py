@@ -41,9 +41,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
@@ -883,8 +882,8 @@ def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_s
                group_size: int = INT4_GROUP_SIZE) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a Meta checkpoint directory (params.json + consolidated.NN.pth), a Hugging
     Face one (config.json + safetensors) or a training checkpoint of train (step_NNNNNN), built on the meta
-    device and loaded strictly, each weight
-    moved to device once. max_seq_len / max_batch_size size the RoPE table and KV caches.
+    device and loaded strictly, each weight moved to device once. max_seq_len / max_batch_size size the RoPE
+    table and KV caches.
     dtype: the weights' dtype on device; None keeps the checkpoint's own (convert does). Llama.build and
     the commands choose it with pick_dtype (bfloat16 on a GPU that has it, else float32); train uses its
     master dtype. The weights are read tensor by tensor (CheckpointWeights), quantized as they are read with
@@ -1724,7 +1723,8 @@ def save_safetensors_streamed(path: Path, layout: dict, make: Callable[[str], to
             f.write(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def export(ckpt_dir: str, out_dir: str, to: str = "meta", dtype: str = "bfloat16", tokenizer_path: Optional[str] = None):
+def export(ckpt_dir: str, out_dir: str, to: str = "meta", dtype: str = "bfloat16",
+           tokenizer_path: Optional[str] = None):
     """Write the model of a training checkpoint (a step_NNNNNN directory of train) as a Meta checkpoint
     (--to meta: params.json + consolidated.00.pth + tokenizer.model, which Meta's own code loads) or a Hugging
     Face one (--to hf: config.json + model.safetensors + tokenizer.model), in --dtype (bfloat16 by default;
@@ -2005,7 +2005,6 @@ def tinystories(out_dir: str = "data/tinystories", url: str = TINYSTORIES_URL, m
 
 
 PEAK_FLOPS = 989e12  # dense bf16 matmul peak of an H100 / H200 SXM (989 TFLOP/s): what MFU is a fraction of
-FULL_STATE_DICT = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP saves whole, on rank 0's CPU
 
 
 @dataclass

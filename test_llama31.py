@@ -878,6 +878,12 @@ def saved(request, tmp_path_factory) -> tuple:
     return model, optimizer, out / "step_000007"
 
 
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 def test_training_checkpoint_holds_weights_moments_and_position_and_loads_back_exactly(saved):
     model, optimizer, step_dir = saved
     assert sorted(p.name for p in step_dir.iterdir()) == [".metadata", "__0_0.distcp", "params.json",
@@ -893,7 +899,6 @@ def test_training_checkpoint_holds_weights_moments_and_position_and_loads_back_e
     assert a["state"].keys() == b["state"].keys()
     for i in a["state"]:
         assert_same_state(a["state"][i], b["state"][i])  # step, exp_avg, exp_avg_sq: bitwise
-
 
 
 def test_a_training_checkpoint_is_never_overwritten_and_a_failed_save_leaves_nothing(saved, tmp_path,
@@ -924,12 +929,6 @@ def test_disk_space_check_counts_weights_both_moments_and_the_export(tmp_path, m
                 llama31.check_disk_space(tmp_path, model)
         else:
             llama31.check_disk_space(tmp_path, model)
-
-
-def assert_same_state(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 @torch.no_grad()
@@ -1763,7 +1762,6 @@ def test_gpu_fsdp_on_two_gpus_matches_one_gpu(init_ckpt, train_data, tmp_path):
     assert a[-1][1] < a[0][1]
 
 
-
 @cuda
 def test_gpu_async_checkpoints_hold_the_state_at_the_moment_of_saving(tmp_path):
     """On a GPU saves are asynchronous by default: the state is copied into pinned host buffers (kept and
@@ -1890,7 +1888,6 @@ def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
     assert_same_weights(a_dir / "step_000006", b_dir / "step_000006")
 
 
-
 def test_two_process_fsdp_checkpoint_resumes_on_two_bitwise_and_on_one(init_ckpt, train_data, tmp_path):
     """A checkpoint saved by 2 FSDP processes (each wrote its own half of every weight and moment) resumes on
     2 processes bitwise and on 1 (DCP gathers the halves; the data continues from the same token): the one
@@ -2002,7 +1999,8 @@ def test_resume_from_a_broken_training_checkpoint_is_a_value_error_naming_it(ini
         del state["train"]["position"]
         dcp.save(state, checkpoint_id=step, no_dist=True)
         (step / "params.json").write_text(json.dumps(model.params.to_params()))
-        error, message = ValueError, f"{step} does not fit: RuntimeError: Missing key in checkpoint state_dict: train.position"
+        error = ValueError
+        message = f"{step} does not fit: RuntimeError: Missing key in checkpoint state_dict: train.position"
         if case == "random_bytes":
             (step / ".metadata").write_bytes(np.random.default_rng(0).bytes(3000))
             message = f"{step / '.metadata'} is not DCP metadata"
@@ -2152,7 +2150,6 @@ def test_sigkill_mid_save_and_at_random_leaves_loadable_checkpoints_and_resume_i
     state, ref_state = check_checkpoint(out / "step_000006")[1], check_checkpoint(ref_dir / "step_000006")[1]
     assert state == ref_state
     assert_positions(state, train_data, 6, 1)
-
 
 
 def test_sigkill_during_an_async_save_loses_only_that_checkpoint(init_ckpt, train_data, tmp_path):
