@@ -1700,7 +1700,7 @@ def save_streamed(path: Path, names: list, make: Callable[[str], torch.Tensor]):
         scratch.unlink(missing_ok=True)
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # what safetensors calls a dtype
 
 
 def save_safetensors_streamed(path: Path, layout: dict, make: Callable[[str], torch.Tensor], metadata: dict):
@@ -1710,7 +1710,7 @@ def save_safetensors_streamed(path: Path, layout: dict, make: Callable[[str], to
     header, offset = {}, 0
     for name, (shape, dtype) in layout.items():
         n = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     header = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # padded to 8 bytes with spaces, as the safetensors library writes it

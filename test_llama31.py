@@ -44,6 +44,8 @@ from reference import (reference_dialog_tokens, reference_greedy, reference_logi
 from tokenizer import ChatFormat, Tokenizer, default_tokenizer_path
 
 HERE = Path(__file__).resolve().parent
+# DCP says so on every save and load without a process group: how one process saves, and how export reads
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 TOL = 1e-4  # max abs logit difference against Meta in float32; fixed, never loosened
 
 
@@ -2421,6 +2423,7 @@ def test_pickled_code_in_checkpoint_files_never_runs(init_ckpt, train_data, tmp_
     assert not (out / "log.jsonl").exists()  # refused before training
 
 
+@pytest.mark.parametrize("saved", [False], ids=["untied"], indirect=True)  # any checkpoint will do
 def test_code_in_a_training_checkpoint_never_runs(saved, tmp_path):
     model, optimizer, step_dir = saved
     marker = tmp_path / "pwned"
@@ -2720,6 +2723,7 @@ def test_cli_max_bad_steps_is_a_one_line_error(init_ckpt, train_data, tmp_path, 
     check_checkpoint(tmp_path / "step_000001")
 
 
+@pytest.mark.parametrize("saved", [False], ids=["untied"], indirect=True)  # any checkpoint will do
 def test_export_cli_bad_inputs_are_one_line_errors(saved, tiny_ckpt, tmp_path):
     _, _, step_dir = saved
     (tmp_path / "taken").mkdir()
