@@ -2265,14 +2265,16 @@ def check_disk_space(out_dir: Path, model: Transformer):
     """What a run writes at the least: a training checkpoint (the weights and AdamW's two moments, each in the
     weights' dtype, so 12 bytes a parameter with float32 master weights, a tied embedding once; every rank's
     shards land in out_dir) and the export at the end (2 bytes a parameter in bf16, and Meta's output.weight
-    even when tied). Refuse a run without room for both."""
+    even when tied; twice that while it is written, through a scratch file as large). Refuse a run without
+    room for both."""
     params = list(model.parameters())  # each shared parameter once; under FSDP whole (DTensor) sizes
     checkpoint = sum(3 * p.numel() * p.element_size() for p in params)
-    exported = 2 * (sum(p.numel() for p in params) + model.params.tie_word_embeddings * model.output.weight.numel())
+    exported = 2 * 2 * (sum(p.numel() for p in params)
+                        + model.params.tie_word_embeddings * model.output.weight.numel())
     free = shutil.disk_usage(out_dir).free
     if free < checkpoint + exported:
         raise OSError(f"--out_dir {out_dir} has {free / 1e9:.2f} GB free, but a checkpoint of this model "
-                      f"needs about {checkpoint / 1e9:.2f} GB and its export {exported / 1e9:.2f} GB")
+                      f"needs about {checkpoint / 1e9:.2f} GB and its export {exported / 1e9:.2f} GB while written")
 
 
 def flops_per_token(args: ModelArgs, T: int) -> float:
