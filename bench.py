@@ -8,6 +8,7 @@ a preset shape, so no checkpoint is needed.
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
     python bench.py train --model llama3.1-8b --batch_size 2 --lora_rank 8 [--quantize int4]   # LoRA, QLoRA
+    python bench.py checkpoint --model llama3.2-3b # the pause a training checkpoint costs, its size and write time
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
 measured copy bandwidth / bytes read per step: the weights in their stored format (int8 or int4 with their
@@ -18,7 +19,9 @@ printed beside it.
 
 import contextlib
 import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -233,8 +236,38 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
     --lora_rank R: LoRA instead, the base frozen in bf16 and float32 adapters of rank R (alpha 2R) on every
     linear layer of the blocks; with --quantize int4 (one GPU): QLoRA, the blocks' linear layers in 4 bits.
     MFU then counts 4 FLOPs per frozen parameter (no weight gradients)."""
-    if quantize not in ("", "int4") or (quantize and not lora_rank):
-        raise ValueError(f"--quantize {quantize!r}: only int4, and only with --lora_rank (QLoRA)")
+    world, device = start_gpus()
+    _, mm = measure_card(device)
+    args, net, opt, step = training(model, batch_size, seq_len, compile, activation_checkpointing, doc_len, device,
+                                    world, lora_rank=lora_rank, quantize=quantize)
+    B, T = batch_size, seq_len
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize()
+    warmup = time.time() - t0
+    torch.cuda.reset_peak_memory_stats()
+    dt = cuda_time(step, steps)
+    tps = B * T / dt  # per GPU
+    flops = llama31.flops_per_token(args, T, frozen=bool(lora_rank))
+    mfu = flops * tps / peak_flops
+    method = "fp32 master + bf16 compute"
+    if lora_rank:
+        method = f"{'QLoRA (int4 base)' if quantize else 'LoRA (bf16 base)'} rank {lora_rank}, fp32 adapters"
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, {method}"
+              f"{', FSDP2' if world > 1 else ''}{', activation checkpointing' if activation_checkpointing else ''}, "
+              f"{'compiled' if compile else 'eager'}{f', documents of {doc_len} tokens' if doc_len else ''}, "
+              f"{torch.cuda.get_device_name()} "
+              f"(measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
+        print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s per GPU | MFU {100 * mfu:.1f}% of "
+              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * flops * tps / mm:.1f}% of measured)"
+              f" | peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def start_gpus() -> tuple[int, torch.device]:
+    """(world size, this process's GPU); under torchrun with several GPUs, the NCCL process group too."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -242,7 +275,15 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
         dist.init_process_group("nccl", device_id=device)
     else:
         device = llama31.pick_device("cuda")
-    _, mm = measure_card(device)
+    return world, device
+
+
+def training(model: str, batch_size: int, seq_len: int, compile: bool, activation_checkpointing: bool, doc_len: int,
+             device: torch.device, world: int, lora_rank: int = 0, quantize: str = ""):
+    """(args, model, AdamW, step()) of a preset-shaped model with random weights training on random tokens,
+    as train's loop runs it (one GPU: bf16 autocast; several: FSDP2); lora_rank, quantize: as for `train`."""
+    if quantize not in ("", "int4") or (quantize and not lora_rank):
+        raise ValueError(f"--quantize {quantize!r}: only int4, and only with --lora_rank (QLoRA)")
     args = llama31.preset(model, max_seq_len=seq_len)
     lora = llama31.LoRAArgs(lora_rank, 2.0 * lora_rank, 0.0, tuple(llama31.LORA_TARGETS)) if lora_rank else None
     if lora is not None and world == 1:
@@ -282,31 +323,95 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    t0 = time.time()
-    step()
-    torch.cuda.synchronize()
-    warmup = time.time() - t0
-    torch.cuda.reset_peak_memory_stats()
-    dt = cuda_time(step, steps)
-    tps = B * T / dt  # per GPU
-    flops = llama31.flops_per_token(args, T, frozen=lora is not None)
-    mfu = flops * tps / peak_flops
-    method = "fp32 master + bf16 compute"
-    if lora is not None:
-        method = f"{'QLoRA (int4 base)' if quantize else 'LoRA (bf16 base)'} rank {lora_rank}, fp32 adapters"
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, {method}"
-              f"{', FSDP2' if world > 1 else ''}{', activation checkpointing' if activation_checkpointing else ''}, "
-              f"{'compiled' if compile else 'eager'}{f', documents of {doc_len} tokens' if doc_len else ''}, "
-              f"{torch.cuda.get_device_name()} "
-              f"(measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
-        print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s per GPU | MFU {100 * mfu:.1f}% of "
-              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * flops * tps / mm:.1f}% of measured)"
-              f" | peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
+    return args, net, opt, step
+
+
+def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2048, out_dir: str = "bench_ckpt",
+               compile: bool = True, activation_checkpointing: bool = False, export: bool = True, max_steps: int = 400,
+               lora_rank: int = 0):
+    """What a training checkpoint costs a run, with train's own Checkpointer: training steps (as `train` times
+    them) with two asynchronous saves (the GPU default; the first also allocates the pinned host buffers the
+    later ones reuse) and a blocking one (train --async_save False) for comparison, each after 4 more steps
+    and once the one before is written and removed. Prints the median step, each save's pause (until
+    training may go on), the steps run while the background write went on and their time over the median,
+    the write's duration and the checkpoint's size on disk; with --export, how long rank 0 takes to export the
+    last one to Meta's bf16 format (what --export_every does in the background). Each checkpoint is removed
+    once measured: an 8B one takes 96 GB. The stall of a save = its pause + the excess of the steps during
+    its write. --lora_rank R: a LoRA run's checkpoints (adapters and their AdamW state; no export)."""
+    world, device = start_gpus()
+    rank = int(os.environ.get("RANK", 0))
+    _, net, opt, step = training(model, batch_size, seq_len, compile, activation_checkpointing, 0, device, world,
+                                 lora_rank=lora_rank)
+    adapter = None
+    if lora_rank:  # as train --lora_rank writes it; random weights have no base to name
+        lora = llama31.LoRAArgs(lora_rank, 2.0 * lora_rank, 0.0, tuple(llama31.LORA_TARGETS))
+        adapter, export = llama31.adapter_config(lora, "random weights", "none"), False
+    out = Path(out_dir)
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    times, saves = [], []  # step seconds; (label, step, pause s, write s, GB, steps during the write)
+
+    def timed_step():
+        t0 = time.time()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.time() - t0)
+
+    timed_step()  # warm-up (compilation)
+    times.clear()
+    with llama31.Checkpointer(out, async_save=True, device=device) as checkpointer:
+        for label, blocking in (("first async", False), ("second async", False), ("blocking", True)):
+            for _ in range(4):
+                timed_step()
+            n = len(times)
+            t0 = time.time()
+            checkpointer.save(n, net, opt, 0, 0, default_tokenizer_path(), blocking=blocking, adapter=adapter)
+            pause = time.time() - t0
+            written = []  # when this rank's part of the save is on disk (rank 0: and renamed into place)
+            if blocking:
+                written.append(time.time())
+            else:
+                checkpointer.pending.add_done_callback(lambda f: written.append(time.time()))
+            while len(times) < max_steps:  # train while it is written, until every rank's part is
+                all_written = torch.tensor(float(bool(written)), device=device)
+                if world > 1:
+                    dist.all_reduce(all_written, op=dist.ReduceOp.MIN)
+                if all_written.item():
+                    break
+                timed_step()
+            checkpointer.wait()
+            write, during = (written[0] if written else time.time()) - t0, len(times) - n
+            path = out / f"step_{n:06d}"
+            size = sum(f.stat().st_size for f in path.iterdir()) / 1e9 if rank == 0 else 0.0
+            saves.append((label, n, pause, write, size, times[n:n + during]))  # the steps that ran during the write
+            if rank == 0 and not (blocking and export):
+                shutil.rmtree(path)
+            if world > 1:
+                dist.barrier()
+        for _ in range(4):
+            timed_step()
+    if rank == 0:
+        median = sorted(times)[len(times) // 2]
+        print(f"\n{model} training on {world} GPU(s), B={batch_size} T={seq_len} per GPU, "
+              f"{torch.cuda.get_device_name()}: median step {median * 1000:.0f} ms over {len(times)} steps")
+        for label, n, pause, write, size, during in saves:
+            excess = sum(t - median for t in during)
+            print(f"{label} save after step {n}: pause {pause:.2f} s | {len(during)} steps during the write, "
+                  f"{excess:+.2f} s over the median | stall {pause + excess:.2f} s = {(pause + excess) / median:.1f} "
+                  f"steps | written in {write:.1f} s | {size:.1f} GB on disk ({size / write:.2f} GB/s)", flush=True)
+        if export:
+            path = out / f"step_{saves[-1][1]:06d}"
+            t0 = time.time()
+            llama31.export(str(path), str(out / "export"))
+            exported = sum(f.stat().st_size for f in (out / "export").iterdir()) / 1e9
+            print(f"export of {path.name} to Meta's format in bf16: {time.time() - t0:.1f} s, {exported:.1f} GB",
+                  flush=True)
+        shutil.rmtree(out)
     if world > 1:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     import fire
-    fire.Fire({"decode": decode, "train": train}, serialize=lambda result: None)
+    fire.Fire({"decode": decode, "train": train, "checkpoint": checkpoint}, serialize=lambda result: None)

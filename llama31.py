@@ -17,13 +17,16 @@ import glob
 import hashlib
 import json
 import math
+import mmap
 import os
+import pickletools
 import re
 import shutil
 import signal
 import sys
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,11 +34,17 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -199,7 +208,8 @@ def pick_device(device: Optional[str] = None) -> torch.device:
     return device
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pick_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -579,13 +589,19 @@ def check_quantize(quantize: Optional[str], group_size: int):
                          "int4 kernel)")
 
 
+def exact_div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b rounded correctly on every device: CUDA divides by a Python number through its reciprocal, which
+    can differ in the last bit, and quantizing must give the same integers on the GPU as on the CPU."""
+    return a / torch.tensor(b, dtype=a.dtype, device=a.device)
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per output channel: w ~ q * scale, within half a step (scale / 2) for
     every weight. w (n, k) float -> q (n, k) int8, scales (n,) bf16."""
     w = w.float()
     # the scale is kept in bf16, within 2^-8 of max|w| / 127: max|w| / scale <= 127 / (1 - 2^-8) < 127.5, so
     # every weight still rounds to a q within [-127, 127] and the rounding is never clamped
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    scales = exact_div(w.abs().amax(dim=1), 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -598,10 +614,10 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     n, k = w.shape
     g = w.float().view(n, k // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (n, groups)
-    zeros = (lo + 8 * (hi - lo) / 15).to(torch.bfloat16).float()  # the grid's 9th of 16 points, kept in bf16
+    zeros = (lo + exact_div(8 * (hi - lo), 15)).to(torch.bfloat16).float()  # the grid's 9th of 16 points, in bf16
     # the step that reaches both ends of the group from the rounded zero; kept in bf16 (within 2^-8), the grid
     # [zero - 8 step, zero + 7 step] still covers every weight to within half a step
-    scales = torch.maximum((hi - zeros) / 7, (zeros - lo) / 8).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    scales = torch.maximum(exact_div(hi - zeros, 7), (zeros - lo) / 8).clamp(min=TINY_SCALE).to(torch.bfloat16)
     q = torch.round((g - zeros[..., None]) / scales.float()[..., None]) + 8
     scales_and_zeros = torch.stack([scales, zeros.to(torch.bfloat16)], dim=-1).transpose(0, 1).contiguous()
     return q.clamp(0, 15).to(torch.uint8).view(n, k), scales_and_zeros
@@ -923,18 +939,23 @@ class Llama:
         # its matmuls are large enough to run at full speed without compilation)
         self.decode = decode_one_token
         if compile:
-            self.decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+            # int8 weights: with coordinate-descent tuning inductor turns each one-row matmul into a kernel that
+            # converts the int8 weights as it reads them (gpt-fast's setting), not a bf16 copy then cuBLAS
+            int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": int8}  # cudagraphs: reduce-overhead
+            self.decode = torch.compile(decode_one_token, fullgraph=True, options=options)
 
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
               device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False,
               quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE,
               lora_dir: Optional[str] = None) -> "Llama":
-        """Load a Meta checkpoint directory (params.json + consolidated.NN.pth) or a Hugging Face one
-        (config.json + safetensors). device: cuda, then mps, then cpu by default; dtype: bfloat16 on a
-        GPU that supports it, else float32. quantize: "int8" or "int4" (groups of group_size) weights,
-        quantized tensor by tensor as they are read (see quantize_linears). lora_dir: the adapters of a LoRA
-        run on this base, kept apart from its (unquantized) weights; `merge` folds them in."""
+        """Load a Meta checkpoint directory (params.json + consolidated.NN.pth), a Hugging Face one
+        (config.json + safetensors) or a training checkpoint of train (step_NNNNNN: DCP's .metadata and
+        shards). device: cuda, then mps, then cpu by default; dtype: bfloat16 on a GPU that supports it, else
+        float32. quantize: "int8" or "int4" (groups of group_size) weights, quantized tensor by tensor as they
+        are read (see quantize_linears). lora_dir: the adapters of a LoRA run on this base (its step_NNNNNN),
+        kept apart from its (unquantized) weights; `merge` folds them in."""
         check_quantize(quantize, group_size)
         if quantize is not None and lora_dir is not None:
             raise ValueError("--lora_dir runs adapters on the base's own weights, not on --quantize'd ones; merge "
@@ -1060,9 +1081,10 @@ def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_s
                max_batch_size: int = 1, device: torch.device = torch.device("cpu"),
                dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
                group_size: int = INT4_GROUP_SIZE) -> tuple[Transformer, Tokenizer]:
-    """The model and tokenizer of a Meta checkpoint directory (params.json + consolidated.NN.pth) or a
-    Hugging Face one (config.json + safetensors), built on the meta device and loaded strictly, each weight
-    moved to device once. max_seq_len / max_batch_size size the RoPE table and KV caches.
+    """The model and tokenizer of a Meta checkpoint directory (params.json + consolidated.NN.pth), a Hugging
+    Face one (config.json + safetensors) or a training checkpoint of train (step_NNNNNN), built on the meta
+    device and loaded strictly, each weight moved to device once. max_seq_len / max_batch_size size the RoPE
+    table and KV caches.
     dtype: the weights' dtype on device; None keeps the checkpoint's own (convert does). Llama.build and
     the commands choose it with pick_dtype (bfloat16 on a GPU that has it, else float32); train uses its
     master dtype. The weights are read tensor by tensor (CheckpointWeights), quantized as they are read with
@@ -1088,7 +1110,10 @@ def read_checkpoint(ckpt_dir: str | Path, tokenizer_path: Optional[str], max_seq
                          "was trained on as --ckpt_dir")
     runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     is_hf = (ckpt_dir / "config.json").exists()
-    args, sd = (read_hf_checkpoint if is_hf else read_meta_checkpoint)(ckpt_dir, **runtime)
+    if is_training_checkpoint(ckpt_dir):  # a step_NNNNNN directory of train: its weights (the rest is --resume's)
+        args, sd = read_training_checkpoint(ckpt_dir, **runtime)
+    else:
+        args, sd = (read_hf_checkpoint if is_hf else read_meta_checkpoint)(ckpt_dir, **runtime)
     tokenizer = Tokenizer(resolve_tokenizer_path(ckpt_dir, tokenizer_path))
     if args.vocab_size != tokenizer.n_words:
         raise ValueError(f"{ckpt_dir} has vocab_size={args.vocab_size} but the tokenizer has {tokenizer.n_words} "
@@ -1346,16 +1371,13 @@ def write_dir_atomically(out_dir: Path, files: dict):
         os.close(parent)
 
 
-def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, extra: Optional[dict] = None,
-                    state_dict: Optional[dict] = None):
-    """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model, plus
-    train_state.pt when extra is given) that Llama.build and Meta's reference both load. It is built under
-    a temporary name and renamed into place when whole, so a killed run leaves the whole checkpoint or
-    none, never a half-written one; an existing out_dir is refused, never overwritten. Weights are saved
-    in the dtype they were trained in.
-    state_dict: the full weights when the model itself is sharded (FSDP), gathered by the caller."""
-    state_dict = model.state_dict() if state_dict is None else state_dict
-    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}  # tied weights stored twice:
+def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path):
+    """Write a Meta-format checkpoint directory (params.json, consolidated.00.pth, tokenizer.model) that
+    Llama.build and Meta's reference both load. It is built under a temporary name and renamed into place
+    when whole, so a kill leaves the whole checkpoint or none, never a half-written one; an existing out_dir
+    is refused, never overwritten. Weights are saved in their own dtype. (train writes training checkpoints
+    with DCP instead, and export turns them into this format tensor by tensor.)"""
+    sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights stored twice:
     # Meta's reference needs output.weight, and clone() unshares them so torch.save keeps both
     bad = non_finite_keys(sd)
     if bad:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
@@ -1363,8 +1385,6 @@ def save_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path, ext
     files = {"params.json": lambda p: p.write_text(json.dumps(model.params.to_params(), indent=2)),
              "consolidated.00.pth": lambda p: torch.save(sd, p),
              "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)}
-    if extra is not None:
-        files["train_state.pt"] = lambda p: torch.save(extra, p)
     write_dir_atomically(out_dir, files)
 
 
@@ -1568,9 +1588,428 @@ def save_hf_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path):
         "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)})
 
 
-# LoRA adapters on disk: a step directory of a LoRA run holds adapter.json (the LoRAArgs and which base they
-# were trained on), adapter.pth (the adapters, float32) and, for --resume, train_state.pt; megabytes, not the
-# base's gigabytes. `merge` folds them into the base and writes a full checkpoint.
+# -----------------------------------------------------------------------------
+# training checkpoints: sharded and asynchronous with torch.distributed.checkpoint (DCP); export to one file
+
+# A run's out_dir/step_NNNNNN/ is a DCP directory. Every rank writes its own shards in parallel (__R_N.distcp:
+# under FSDP its 1/world of every weight and AdamW moment; under DDP a share of the replicated tensors, each
+# written once), and rank 0 writes DCP's index .metadata (which chunk of which tensor lies where in which
+# file), params.json and tokenizer.model. It holds tensors only, so loading it unpickles no Python object:
+#   model.*      the weights as trained (float32 master weights) under Meta's names; a tied output.weight is
+#                left out (it is the embedding)
+#   optimizer.*  AdamW's step, exp_avg and exp_avg_sq of every parameter, by name (its settings come from flags)
+#   train.*      the step and the data position (a shard, and where in it the next step starts)
+# Any number of processes can load it: each reads the chunks that overlap what it holds (DCP reshards).
+# It is not one file to hand around: `export` streams its weights into a Meta or Hugging Face checkpoint.
+# A LoRA run's step directory is the same but for model.*, which holds only the adapters (`...wq.lora_a.weight`,
+# float32), and optimizer.*, only theirs; adapter.json (the LoRAArgs, the base's path and fingerprint) stands
+# in for params.json and tokenizer.model: megabytes, where the base is gigabytes (see "LoRA adapters on disk").
+
+DCP_METADATA = ".metadata"  # its presence is what marks a training checkpoint directory
+
+# The globals DCP's .metadata pickle names. DCP reads that file with pickle.load, which runs whatever code a
+# crafted file names, so check_dcp_metadata reads it opcode by opcode first (pickletools parses, runs nothing).
+DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "torch": {"Size"} | {name for name, v in vars(torch).items() if isinstance(v, torch.dtype)},
+}
+
+
+def is_training_checkpoint(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / DCP_METADATA).is_file()
+
+
+def check_dcp_metadata(path: Path):
+    """Refuse a .metadata pickle that names a global other than DCP's metadata classes (or is no pickle)."""
+    try:
+        ops = list(pickletools.genops(path.read_bytes()))
+    except Exception as e:  # pickletools raises several types for bytes that are no pickle
+        raise ValueError(f"{path} is not DCP metadata ({type(e).__name__}: {e})") from None
+    memo, pushed = {}, [None, None]  # pushed: what each op put on the stack, None where not a string
+    for op, arg, _ in ops:
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            pushed.append(arg)
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            pushed.append(memo.get(arg))
+        elif op.name == "MEMOIZE":  # stores the stack's top, as pickle does, at the next free index
+            memo[len(memo)] = pushed[-1]
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = pushed[-1]
+        elif op.name not in ("PROTO", "FRAME"):  # these two leave the stack alone; every other op may change it
+            # a global's module and name must be its argument (GLOBAL) or the two strings pushed just before
+            # (STACK_GLOBAL); an object made any other way (INST, OBJ, EXT*) is refused
+            module, name = (arg.split(" ", 1) if op.name == "GLOBAL" else pushed[-2:] if op.name == "STACK_GLOBAL"
+                            else (None, None))
+            if op.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4") and \
+                    name not in DCP_METADATA_GLOBALS.get(module, ()):
+                raise ValueError(f"{path} names {module}.{name}, which is not part of DCP's metadata: refused "
+                                 "unread, as it could run code")
+            pushed.append(None)
+
+
+class CheckpointReader(FileSystemReader):
+    """DCP's file reader, checking the .metadata pickle before DCP unpickles it (once per reader: export reads
+    a checkpoint with one reader, a tensor per dcp.load)."""
+    checked = False
+
+    def read_metadata(self, *args, **kwargs):
+        if not self.checked:
+            check_dcp_metadata(Path(self.path) / DCP_METADATA)
+            self.checked = True
+        return super().read_metadata(*args, **kwargs)
+
+
+class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, refusing pickled objects (DCP would unpickle them with weights_only=False)."""
+
+    def load_bytes(self, read_item, value):
+        raise ValueError(f"{read_item.dest_index.fqn} is a pickled object, but a training checkpoint holds only "
+                         "tensors: refused unread")
+
+
+@contextlib.contextmanager
+def dcp_errors(ckpt_dir: Path):
+    """DCP wraps each rank's failure in a CheckpointException, a BaseException that the CLI's one-line errors
+    would miss: raise the first underlying one instead (an OSError as it is, the rest as a ValueError naming
+    the checkpoint)."""
+    try:
+        yield
+    except CheckpointException as e:
+        error = next(iter(e.failures.values()))[0]
+        if isinstance(error, (OSError, ValueError, FloatingPointError)):
+            raise error from None
+        raise ValueError(f"{ckpt_dir} does not fit: {type(error).__name__}: {error}") from None
+
+
+def non_finite_anywhere(weights: dict, group: Optional[dist.ProcessGroup]) -> Optional[list]:
+    """None if the weights are finite on every rank (under FSDP each checks its own shards); else the names of
+    this rank's non-finite ones (empty if only another rank's are). Every rank gets the same verdict."""
+    bad = non_finite_keys({k: v.to_local() if isinstance(v, DTensor) else v for k, v in weights.items()})
+    count = torch.tensor(len(bad))
+    if group is not None:
+        dist.all_reduce(count, group=group)
+    return bad if count else None
+
+
+def trained_weights(model: nn.Module, adapters_only: bool = False) -> dict:
+    """The model's state dict (FSDP: this rank's DTensor shards), or with adapters_only a LoRA run's adapters
+    alone: the frozen base, whether bf16 weights or QLoRA's int4 buffers, is --ckpt_dir's and never saved."""
+    weights = get_model_state_dict(model)
+    return {k: v for k, v in weights.items() if ".lora_" in k} if adapters_only else weights
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0, shard: int = 0,
+                   position: int = 0, adapters_only: bool = False) -> dict:
+    """What a training checkpoint holds, as DCP saves it and loads into it in place (see above). Under FSDP
+    the weights and moments are DTensors, of which each rank holds and writes its own shards.
+    adapters_only: a LoRA run's (the adapters; AdamW holds nothing else)."""
+    weights = trained_weights(model, adapters_only)
+    if model.params.tie_word_embeddings and not adapters_only:
+        del weights["output.weight"]  # the embedding again; load ties it back
+    moments = get_optimizer_state_dict(model, optimizer)["state"]  # makes AdamW's state if no step was taken yet
+    return {"model": weights, "optimizer": moments,
+            "train": {"step": torch.tensor(step), "shard": torch.tensor(shard), "position": torch.tensor(position)}}
+
+
+def load_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             group: Optional[dist.ProcessGroup] = None, adapters_only: bool = False) -> dict:
+    """Load a training checkpoint saved by any number of processes into this rank's model and optimizer (FSDP:
+    its shards); adapters_only: a LoRA run's, into the adapters. Returns the train state: step, shard,
+    position."""
+    state = training_state(model, optimizer, adapters_only=adapters_only)
+    with dcp_errors(ckpt_dir):  # (DCP fails on any tensor of state that the checkpoint lacks)
+        dcp.load(state, storage_reader=CheckpointReader(ckpt_dir), planner=TensorsOnlyLoadPlanner(),
+                 process_group=group)
+    weights = state["model"]
+    if model.params.tie_word_embeddings and not adapters_only:
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+    # adapters_only: the base is not in weights (it came from --ckpt_dir), so not strict; DCP has found every
+    # adapter of this model in the checkpoint
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=not adapters_only))
+    param_groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"], "param_groups": param_groups})
+    return {k: int(v) for k, v in state["train"].items()}
+
+
+def publish_dir(tmp: Path, out_dir: Path):
+    """Rename a whole directory tmp into place as out_dir (never over an existing one) and make it durable."""
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; a checkpoint is never overwritten")
+    os.rename(tmp, out_dir)
+    parent = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        os.fsync(parent)
+    finally:
+        os.close(parent)
+
+
+def remove_old_checkpoints(out_dir: Path, keep_last: int):
+    """Delete all but the keep_last newest complete step directories. Each is renamed out of the step_NNNNNN
+    namespace first, so a kill halfway through a deletion leaves no half-deleted checkpoint under its name."""
+    steps = sorted((p for p in out_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
+                   key=lambda p: int(p.name.removeprefix("step_")))
+    for old in steps[:-keep_last]:
+        doomed = old.with_name(f".{old.name}.removing")
+        os.rename(old, doomed)
+        shutil.rmtree(doomed)
+
+
+class Checkpointer:
+    """Writes a run's training checkpoints out_dir/step_NNNNNN/, one at a time. Each is written by every rank
+    into a temporary directory .step_NNNNNN.tmpPID, which rank 0 renames into place once all ranks have
+    written theirs: a kill at any moment leaves the complete checkpoints as they were and at most a temporary
+    directory (removed at the next start). Rank 0 then exports it if asked and removes the oldest beyond
+    keep_last, so an older checkpoint goes only once a newer one is whole.
+    async_save: the weights and AdamW moments are copied to host memory (on a GPU into pinned buffers kept for
+    the next save: one more float32 copy of this rank's shards of the weights and both moments), which is the
+    only pause of training, and written by a background thread while training goes on. A kill then loses the
+    checkpoint being written; the previous one stays."""
+
+    def __init__(self, out_dir: Path, async_save: Optional[bool] = None, keep_last: Optional[int] = None,
+                 device: torch.device = torch.device("cpu")):
+        if async_save is None:
+            # on by default on GPUs: the pause is then a copy to pinned host memory at tens of GB/s instead of a
+            # write to disk at a few; on the CPU the copy itself is most of a save, and the writer thread
+            # would take cores from training
+            async_save = device.type == "cuda"
+        self.out_dir, self.keep_last = out_dir, keep_last
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # DCP coordinates the ranks through a gloo group of its own: async_save needs a CPU backend, and the
+        # writer thread's collectives must not interleave with training's on the default group
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        pid = [os.getpid()]  # the temporary directory is named after rank 0's process
+        if self.group is not None:
+            dist.broadcast_object_list(pid, src=0, group=self.group)
+        self.tmp_suffix = f".tmp{pid[0]}"
+        # one writer for every async save (each gets its own directory), so its pinned buffers are reused
+        self.writer = FileSystemWriter(out_dir, cache_staged_state_dict=device.type == "cuda") if async_save else None
+        self.executor = ThreadPoolExecutor(max_workers=1) if async_save else None
+        self.pending: Optional[Future] = None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, shard: int, position: int,
+             tokenizer_path: Path, export_to: Optional[Path] = None, blocking: bool = False,
+             adapter: Optional[dict] = None):
+        """Save step's checkpoint (all ranks call this); with export_to, rank 0 then exports it there (Meta
+        format, bf16). Asynchronous unless blocking or async_save is off. adapter: a LoRA run's adapter.json;
+        the checkpoint then holds the adapters alone, and adapter.json instead of params.json and
+        tokenizer.model (a LoRA checkpoint has no export: `merge` makes the model)."""
+        if adapter is not None and export_to is not None:
+            raise ValueError("a LoRA checkpoint holds adapters, not a model to export: merge it into its base")
+        self.wait()  # one save at a time: its host buffers and the gloo group are in use until it is done
+        path = self.out_dir / f"step_{step:06d}"
+        if path.exists():  # every rank sees it (DCP needs a file system all ranks share), so all stop here
+            raise FileExistsError(f"{path} already exists; a checkpoint is never overwritten")
+        state = training_state(model, optimizer, step, shard, position, adapters_only=adapter is not None)
+        bad = non_finite_anywhere(state["model"], self.group)
+        if bad is not None:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
+            raise FloatingPointError(f"not saving {path}: the weights {bad[:4] or '(of another rank)'} hold "
+                                     "non-finite values")
+        tmp = self.out_dir / f".{path.name}{self.tmp_suffix}"
+        try:
+            if self.rank == 0:
+                tmp.mkdir(exist_ok=True)
+                if adapter is not None:
+                    atomic_write(tmp / "adapter.json", lambda p: p.write_text(json.dumps(adapter, indent=2)))
+                else:
+                    atomic_write(tmp / "params.json", lambda p: p.write_text(json.dumps(model.params.to_params(),
+                                                                                        indent=2)))
+                    atomic_write(tmp / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+            if self.executor is not None and not blocking:
+                with dcp_errors(tmp):
+                    written = dcp.async_save(state, checkpoint_id=tmp, storage_writer=self.writer,
+                                             process_group=self.group)
+                self.pending = self.executor.submit(self.finish, written, tmp, path, export_to)
+                return
+            with dcp_errors(tmp):
+                dcp.save(state, storage_writer=FileSystemWriter(tmp), process_group=self.group)
+        except BaseException:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing behind
+            raise
+        self.finish(None, tmp, path, export_to)
+
+    def finish(self, written: Optional[Future], tmp: Path, path: Path, export_to: Optional[Path]):
+        """After this rank's part of the save (written: its background write): rank 0 renames the directory
+        into place, exports it and removes old ones. Runs in the writer thread when the save is asynchronous."""
+        if written is not None:
+            try:
+                with dcp_errors(tmp):
+                    written.result()
+            except BaseException:
+                if self.rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        if self.rank != 0:
+            return
+        # DCP's save ends by gathering every rank's write results on rank 0, which then writes .metadata: once
+        # it returns there, all ranks' shards are on disk (and fsynced), so the directory is whole
+        publish_dir(tmp, path)
+        print0(f"saved {path}", file=sys.stderr)
+        if export_to is not None:
+            export(str(path), str(export_to))
+            print0(f"exported {export_to}", file=sys.stderr)
+        if self.keep_last is not None:
+            remove_old_checkpoints(self.out_dir, self.keep_last)
+
+    def wait(self):
+        """Wait for the checkpoint being written in the background, if any; raise its error, if any."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc):
+        """Let the checkpoint being written finish (also when training failed: it is a good one)."""
+        try:
+            self.wait()
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown()
+
+
+def read_training_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, CheckpointWeights]:
+    """The model arguments (params.json) of a training checkpoint and its weights, each read only when asked
+    for: whole, on the CPU in its saved dtype, from the chunks that every rank's file holds of it (in this one
+    process). Shapes and dtypes come from DCP's metadata, checked first against the model params.json
+    describes. Llama.build, convert, train --ckpt_dir and export read a training checkpoint so."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "adapter.json").exists():
+        raise ValueError(f"{ckpt_dir} holds LoRA adapters, not a model: merge them into the base they were "
+                         f"trained on (llama31.py merge --ckpt_dir BASE --lora_dir {ckpt_dir} --out_dir D)")
+    if not is_training_checkpoint(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a training checkpoint (it has no {DCP_METADATA}): export "
+                                "reads the step_NNNNNN directories that train writes; convert reads Meta and "
+                                "Hugging Face checkpoints")
+    if not (ckpt_dir / "params.json").is_file():
+        raise FileNotFoundError(f"{ckpt_dir} has DCP's {DCP_METADATA} but no params.json: not a checkpoint of train")
+    args = ModelArgs.from_params(read_json(ckpt_dir / "params.json"), str(ckpt_dir / "params.json"), **runtime)
+    reader = CheckpointReader(ckpt_dir)  # one reader: the metadata pickle is checked once
+    metadata = reader.read_metadata()
+    with torch.device("meta"):
+        expected = Transformer(args).state_dict()
+    if args.tie_word_embeddings:
+        del expected["output.weight"]
+    index = {}
+    for name, t in expected.items():
+        md = metadata.state_dict_metadata.get(f"model.{name}")
+        if not isinstance(md, TensorStorageMetadata) or tuple(md.size) != tuple(t.shape):
+            found = tuple(md.size) if isinstance(md, TensorStorageMetadata) else "nothing"
+            raise ValueError(f"{ckpt_dir}: model.{name} has shape {found}, but its params.json implies "
+                             f"{tuple(t.shape)}")
+        index[name] = md
+
+    def read(name, dim, start, stop):
+        t = torch.empty(index[name].size, dtype=index[name].properties.dtype)
+        with dcp_errors(ckpt_dir):
+            dcp.load({"model": {name: t}}, storage_reader=reader,
+                     planner=TensorsOnlyLoadPlanner(allow_partial_load=True), no_dist=True)
+        return t if dim is None else t.narrow(dim, start, stop - start)
+    return args, CheckpointWeights({k: md.size for k, md in index.items()},
+                                   {k: md.properties.dtype for k, md in index.items()}, read)
+
+
+def save_streamed(path: Path, names: list, make: Callable[[str], torch.Tensor]):
+    """torch.save({name: make(name)}) without ever holding all the tensors. A torch.save file is one zip whose
+    pickle comes first, so it cannot be appended to tensor by tensor; instead each tensor is written to a
+    scratch file beside path as it is made (and freed), and torch.save then reads them back from that file
+    memory-mapped: their bytes pass through the page cache, which the kernel can drop, not through the
+    process's own memory. The scratch file takes as much disk as the result, until the end."""
+    scratch = path.with_name(path.name + ".scratch")
+    try:
+        layout = {}
+        with open(scratch, "wb") as f:
+            for name in names:
+                t = make(name).contiguous()
+                layout[name] = (f.tell(), t.shape, t.dtype)
+                f.write(t.reshape(-1).view(torch.uint8).numpy())
+        with open(scratch, "rb") as f:  # copy-on-write: torch.frombuffer wants a writable buffer; nothing writes
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        sd = {name: torch.frombuffer(mapped, dtype=dtype, count=math.prod(shape), offset=offset).view(shape)
+              for name, (offset, shape, dtype) in layout.items()}
+        torch.save(sd, path)
+        del sd  # the tensors hold the mapping open
+        mapped.close()
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # what safetensors calls a dtype
+
+
+def save_safetensors_streamed(path: Path, layout: dict, make: Callable[[str], torch.Tensor], metadata: dict):
+    """A safetensors file of {name: make(name)}, layout[name] = (shape, dtype), written tensor by tensor: the
+    format is an 8-byte header length, a JSON header of every tensor's dtype, shape and byte range, and then
+    the tensors' bytes in that order, so the header can be written before any tensor is made."""
+    header, offset = {}, 0
+    for name, (shape, dtype) in layout.items():
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    header = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # padded to 8 bytes with spaces, as the safetensors library writes it
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        for name, (shape, dtype) in layout.items():
+            t = make(name).contiguous()
+            if t.shape != shape or t.dtype != dtype:
+                raise ValueError(f"{name}: made {tuple(t.shape)} {t.dtype}, the header says {tuple(shape)} {dtype}")
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def export(ckpt_dir: str, out_dir: str, to: str = "meta", dtype: str = "bfloat16",
+           tokenizer_path: Optional[str] = None):
+    """Write the model of a training checkpoint (a step_NNNNNN directory of train) as a Meta checkpoint
+    (--to meta: params.json + consolidated.00.pth + tokenizer.model, which Meta's own code loads) or a Hugging
+    Face one (--to hf: config.json + model.safetensors + tokenizer.model), in --dtype (bfloat16 by default;
+    float32 keeps the trained weights exactly). No GPU, and never the whole model in memory: one weight at a
+    time is read from the shards, cast and written (peak memory: the largest weight in float32, about twice,
+    plus its cast). The output directory appears whole or not at all; an existing one is refused."""
+    if to not in ("meta", "hf"):
+        raise ValueError(f"--to {to!r} must be meta or hf")
+    ckpt_dir, out_dir, dtype = Path(ckpt_dir), Path(out_dir), pick_dtype(dtype, torch.device("cpu"))
+    args, weights = read_training_checkpoint(ckpt_dir)
+    tokenizer = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+    with torch.device("meta"):
+        names = list(Transformer(args).state_dict())  # Meta's order; output.weight too when tied (Meta's code needs it)
+
+    def weight(name: str) -> torch.Tensor:
+        if name == "output.weight" and args.tie_word_embeddings:
+            name = "tok_embeddings.weight"
+        return weights[name].to(dtype)
+
+    if to == "meta":
+        files = {"params.json": lambda p: p.write_text(json.dumps(args.to_params(), indent=2)),
+                 "consolidated.00.pth": lambda p: save_streamed(p, names, weight)}
+    else:
+        if args.tie_word_embeddings:
+            names.remove("output.weight")  # transformers ties lm_head to the embedding itself
+        meta_name = {hf_name(k): k for k in names}
+
+        def hf_weight(key: str) -> torch.Tensor:
+            k = meta_name[key]
+            w = weight(k)
+            if k.endswith(("wq.weight", "wk.weight")):
+                w = hf_permute(w, args.n_heads if "wq" in k else args.n_kv_heads)
+            return w
+        layout = {hf_name(k): (weights.shapes[k], dtype) for k in names}
+        files = {"config.json": lambda p: p.write_text(json.dumps(hf_config(args, dtype), indent=2)),
+                 "model.safetensors": lambda p: save_safetensors_streamed(p, layout, hf_weight, {"format": "pt"})}
+    files["tokenizer.model"] = lambda p: shutil.copyfile(tokenizer, p)
+    write_dir_atomically(out_dir, files)
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters on disk: a LoRA run's step_NNNNNN is a training checkpoint as above whose model.* holds only the
+# adapters and optimizer.* only their AdamW state, with adapter.json (the LoRAArgs, and the path and fingerprint
+# of the base they were trained on) in place of params.json and tokenizer.model: megabytes, not the base's
+# gigabytes. `merge`, sample/chat --lora_dir and --resume read it with the base of --ckpt_dir.
 
 
 def base_fingerprint(args: ModelArgs, weights: Mapping) -> str:
@@ -1596,25 +2035,39 @@ def lora_state_dict(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
 
 
-def save_lora_checkpoint(out_dir: Path, lora: LoRAArgs, base: dict, adapters: dict, extra: Optional[dict] = None):
-    """Write adapter.json (+ the base's path and fingerprint) and adapter.pth (+ train_state.pt when extra is
-    given), atomically like save_checkpoint."""
-    sd = {k: v.detach().cpu().clone() for k, v in adapters.items()}
+def adapter_config(lora: LoRAArgs, base_path: str, fingerprint: str) -> dict:
+    """What adapter.json holds: the adapters' shape and the base they sit on."""
+    return {**dataclasses.asdict(lora), "targets": list(lora.targets), "base_path": base_path,
+            "base_fingerprint": fingerprint}
+
+
+def save_lora_checkpoint(out_dir: Path, lora: LoRAArgs, base: dict, adapters: dict):
+    """A step directory of adapters alone (adapter.json naming base, its base_path and base_fingerprint, and the
+    adapters as DCP shards) in the format train's LoRA checkpoints have, less AdamW's state and the data
+    position: what `merge` and --lora_dir read. It appears whole or not at all, never over an existing one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; a checkpoint is never overwritten")
+    sd = {k: v.detach().cpu().contiguous() for k, v in adapters.items()}
     bad = non_finite_keys(sd)
     if bad:
         raise FloatingPointError(f"not saving {out_dir}: the adapters {bad[:4]} hold non-finite values")
-    config = {**dataclasses.asdict(lora), "targets": list(lora.targets), **base}
-    files = {"adapter.json": lambda p: p.write_text(json.dumps(config, indent=2)),
-             "adapter.pth": lambda p: torch.save(sd, p)}
-    if extra is not None:
-        files["train_state.pt"] = lambda p: torch.save(extra, p)
-    write_dir_atomically(out_dir, files)
+    config = adapter_config(lora, base["base_path"], base["base_fingerprint"])
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        atomic_write(tmp / "adapter.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        with dcp_errors(tmp):
+            dcp.save({"model": sd}, storage_writer=FileSystemWriter(tmp), no_dist=True)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def read_lora_checkpoint(lora_dir: Path) -> tuple[LoRAArgs, dict, dict]:
-    """(the adapters' LoRAArgs, adapter.json, the adapters' state dict) of a LoRA run's step directory."""
-    lora_dir = Path(lora_dir)
-    path = lora_dir / "adapter.json"
+def read_adapter_config(lora_dir: Path) -> tuple[LoRAArgs, dict]:
+    """(the adapters' LoRAArgs, adapter.json) of a LoRA run's step directory."""
+    path = Path(lora_dir) / "adapter.json"
     if not path.exists():
         raise FileNotFoundError(f"--lora_dir {lora_dir} holds no adapter.json, so no LoRA adapters (a run of "
                                 "train --lora_rank writes them into its step_NNNNNN directories)")
@@ -1626,36 +2079,56 @@ def read_lora_checkpoint(lora_dir: Path) -> tuple[LoRAArgs, dict, dict]:
         lora = LoRAArgs(config["rank"], config["alpha"], config["dropout"], config["targets"]).check()
     except (ValueError, TypeError) as e:
         raise ValueError(f"{path}: {e}") from None
-    if not (lora_dir / "adapter.pth").exists():
-        raise FileNotFoundError(f"--lora_dir {lora_dir} has adapter.json but no adapter.pth")
-    return lora, config, load_torch_file(lora_dir / "adapter.pth")
+    return lora, config
 
 
-@torch.no_grad()
-def load_lora(model: Transformer, lora_dir: Path, base_dir, dtype: torch.dtype = torch.float32,
-              fingerprint: Optional[str] = None) -> LoRAArgs:
-    """Put the adapters of lora_dir on a base model (in place, unmerged), after checking that they were
-    trained on this base (fingerprint: the base's, if taken before it was quantized). dtype: the adapters'
-    (float32 to train on, the model's own to generate with)."""
-    lora, config, sd = read_lora_checkpoint(lora_dir)
-    bad = non_finite_keys(sd)
-    if bad:
-        raise ValueError(f"{lora_dir}/adapter.pth holds non-finite adapters ({bad[:4]})")
-    fingerprint = fingerprint or base_fingerprint(model.params, model.state_dict())
+def check_lora_base(config: dict, fingerprint: str, lora_dir: Path, base_dir):
+    """Refuse adapters (adapter.json's config) trained on another base than base_dir, of that fingerprint."""
     if config["base_fingerprint"] != fingerprint:
         raise ValueError(f"--lora_dir {lora_dir} holds adapters trained on another base ({config['base_path']}, "
                          f"fingerprint {config['base_fingerprint']}) than --ckpt_dir {base_dir} (fingerprint "
                          f"{fingerprint}); pass the base they were trained on")
+
+
+def read_lora_checkpoint(lora_dir: Path) -> tuple[LoRAArgs, dict, dict]:
+    """(the adapters' LoRAArgs, adapter.json, the adapters: float32, whole, on the CPU) of a LoRA run's step
+    directory, saved by any number of processes; its AdamW state and data position (--resume's) are not read."""
+    lora_dir = Path(lora_dir)
+    lora, config = read_adapter_config(lora_dir)
+    if not is_training_checkpoint(lora_dir):
+        raise FileNotFoundError(f"--lora_dir {lora_dir} has adapter.json but no {DCP_METADATA}: not a checkpoint "
+                                "of train --lora_rank (whose adapters are DCP shards)")
+    reader = CheckpointReader(lora_dir)  # one reader: the metadata pickle is checked once
+    sd = {}
+    for key, md in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith("model."):
+            if not isinstance(md, TensorStorageMetadata):
+                raise ValueError(f"{lora_dir}: {key} is not a tensor")
+            sd[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
+    with dcp_errors(lora_dir):
+        dcp.load({"model": sd}, storage_reader=reader, planner=TensorsOnlyLoadPlanner(allow_partial_load=True),
+                 no_dist=True)
+    return lora, config, sd
+
+
+@torch.no_grad()
+def load_lora(model: Transformer, lora_dir: Path, base_dir, dtype: torch.dtype = torch.float32) -> LoRAArgs:
+    """Put the adapters of lora_dir on a base model (in place, unmerged), after checking that they were
+    trained on this base. dtype: the adapters' (float32 to merge, the model's own to generate with)."""
+    lora, config, sd = read_lora_checkpoint(lora_dir)
+    bad = non_finite_keys(sd)
+    if bad:
+        raise ValueError(f"{lora_dir} holds non-finite adapters ({bad[:4]})")
+    check_lora_base(config, base_fingerprint(model.params, model.state_dict()), lora_dir, base_dir)
     device = model.tok_embeddings.weight.device
     add_lora(model, lora, torch.Generator(device))  # A's random init is overwritten below
     expected = lora_state_dict(model)
     if sd.keys() != expected.keys():
         diff = sorted(set(sd) ^ set(expected))
-        raise ValueError(f"{lora_dir}/adapter.pth does not hold the adapters adapter.json describes: {diff[:4]}")
+        raise ValueError(f"{lora_dir} does not hold the adapters its adapter.json describes: {diff[:4]}")
     for k, v in sd.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{lora_dir}/adapter.pth: {k} has shape {tuple(v.shape)}, expected "
-                             f"{tuple(expected[k].shape)}")
+            raise ValueError(f"{lora_dir}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
         model.get_parameter(k).copy_(v)
     for m in lora_linears(model).values():
         m.lora_a.to(dtype)
@@ -1757,6 +2230,23 @@ class DistributedShardedDataLoader:
     def load_state_dict(self, state: dict):
         self.shard, self.position = state["shard"], state["position"]
         self.tokens = self.shards[self.shard]
+
+    def step_start(self, state: dict) -> tuple[int, int]:
+        """The data position of a state of this rank's, as every rank shares it: the shard, and where in it
+        the next step starts (rank 0's position). A checkpoint stores this, not each rank's own."""
+        return state["shard"], state["position"] - self.B * self.T * self.rank
+
+    def load_step_start(self, shard: int, position: int, source: str):
+        """Continue from a data position saved by any number of processes, as if this run's processes had
+        read the token stream up to there: rank r takes its slice at position + r * B * T, and if this run's
+        whole step no longer fits in the shard, all ranks move on to the next one, as next_batch does. With
+        the same processes, B and T as the saving run, every rank is exactly where it stopped."""
+        if not (0 <= shard < len(self.files) and 0 <= position < len(self.shards[shard])):
+            raise ValueError(f"{source} stopped at token {position} of shard {shard}, which the "
+                             f"{len(self.files)} shard(s) given here do not have: resume on the same data")
+        if position + self.B * self.T * self.world + 1 > len(self.shards[shard]):
+            shard, position = (shard + 1) % len(self.files), 0
+        self.load_state_dict({"shard": shard, "position": position + self.B * self.T * self.rank})
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (B, T) int64; y is x shifted by one, with IGNORE_INDEX where the token is not a training target."""
@@ -1905,9 +2395,6 @@ def tinystories(out_dir: str = "data/tinystories", url: str = TINYSTORIES_URL, m
 
 
 PEAK_FLOPS = 989e12  # dense bf16 matmul peak of an H100 / H200 SXM (989 TFLOP/s): what MFU is a fraction of
-FULL_STATE_DICT = StateDictOptions(full_state_dict=True, cpu_offload=True)  # FSDP saves whole, on rank 0's CPU
-# a LoRA run saves its adapters only: the frozen base is never gathered
-ADAPTERS_STATE_DICT = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
 
 @dataclass
@@ -1954,10 +2441,13 @@ def distributed(device: Optional[str], fsdp: Optional[bool]):
 def check_train_flags(**flags):
     """Every numeric flag of train, by name, before any work: a bad value fails here, not deep in a step."""
     at_least = dict(batch_size=1, seq_len=1, max_steps=1, val_steps=1, max_bad_steps=1, sample_len=1,
-                    warmup_steps=0, val_every=0, sample_every=0, save_every=0, seed=0)
+                    warmup_steps=0, val_every=0, sample_every=0, save_every=0, export_every=0, seed=0)
     for flag, low in at_least.items():
         check_number(f"--{flag} {flags[flag]!r}", flags[flag], lambda v: v >= low, f"an integer >= {low}",
                      integer=True)
+    if flags["keep_last"] is not None:  # None keeps them all
+        check_number(f"--keep_last {flags['keep_last']!r}", flags["keep_last"], lambda v: v >= 1,
+                     "an integer >= 1 (the newest complete checkpoint is never removed)", integer=True)
     in_range = dict(
         # an AdamW learning rate above 1 is never meant, and near float32's limit the update overflows
         learning_rate=(lambda v: 0 < v <= 1, "in (0, 1]"), min_lr_frac=(lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -1970,21 +2460,36 @@ def check_train_flags(**flags):
 
 def prepare_out_dir(out_dir: Path, resume: bool):
     """Rank 0, before the model or data are read: out_dir exists and is writable, holds no other run's
-    checkpoints unless resuming, and no save cut short by a kill."""
+    checkpoints unless resuming, and no save, export or removal cut short by a kill."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"--out_dir {out_dir} is not writable")
     if not resume and latest_checkpoint(out_dir) is not None:
         raise ValueError(f"--out_dir {out_dir} already holds checkpoints ({latest_checkpoint(out_dir).name}); "
                          "pass --resume to continue that run, or choose another --out_dir")
-    for stale in out_dir.glob(".step_*.tmp*"):  # a save cut short by a kill: never a checkpoint
-        shutil.rmtree(stale)
+    for pattern in (".step_*.tmp*", ".step_*.removing", ".export_*.tmp*"):  # never a checkpoint or an export
+        for stale in out_dir.glob(pattern):
+            shutil.rmtree(stale)
 
 
 def build_train_model(source: Optional[Path], preset_name: str, tokenizer_file: Path, seq_len: int,
-                      n_prompts: int, device: torch.device, dtype: torch.dtype,
-                      seed: int) -> tuple[Transformer, Tokenizer]:
-    """The model to train: a checkpoint's (to finetune, or ours to resume), else a preset from scratch."""
+                      n_prompts: int, device: torch.device, dtype: torch.dtype, seed: int,
+                      resuming: bool = False) -> tuple[Transformer, Tokenizer]:
+    """The model to train: a checkpoint's (to finetune), else a preset from scratch. resuming: the shape of
+    our training checkpoint `source`, weights unset (restore loads them, each rank only its shards)."""
+    if resuming:
+        if not is_training_checkpoint(source):
+            raise FileNotFoundError(f"{source} is not a training checkpoint of this version (it has no "
+                                    f"{DCP_METADATA}), so --resume cannot continue it; finetune from it with "
+                                    f"--ckpt_dir {source} into a new --out_dir instead")
+        args, _ = read_training_checkpoint(source, max_seq_len=seq_len, max_batch_size=n_prompts)
+        with torch.device("meta"):
+            model = Transformer(args)
+        model = model.to_empty(device=device).to(dtype)
+        if args.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight  # to_empty gave each its own tensor
+        model.reset_rope()
+        return model, Tokenizer(tokenizer_file)
     if source is None:
         tokenizer = Tokenizer(tokenizer_file)
         model = Transformer(preset(preset_name, max_seq_len=seq_len, max_batch_size=n_prompts))
@@ -2004,9 +2509,9 @@ def build_lora_model(ckpt_dir: str, lora: LoRAArgs, quantize: Optional[str], gro
                      resume_from: Optional[Path], tokenizer_file: Path, seq_len: int, n_prompts: int,
                      device: torch.device, on_device: bool, seed: int) -> tuple[Transformer, Tokenizer, dict]:
     """A LoRA run's model: the base of ckpt_dir frozen (bf16 on a GPU, float32 on the CPU; --quantize int4:
-    load_qlora_base) with float32 adapters, new ones drawn from seed or those of resume_from. Also the
-    base's path and fingerprint, which every adapter checkpoint names. on_device=False leaves the base on
-    the CPU for FSDP2, which moves each block to the GPU as it shards it."""
+    load_qlora_base) with float32 adapters drawn from seed (resume_from: after a check that its adapters sit on
+    this base and have this shape; restore loads them). Also the adapter.json of every checkpoint of the run.
+    on_device=False leaves the base on the CPU for FSDP2, which moves each block to the GPU as it shards it."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if quantize:
         model, tokenizer, fingerprint = load_qlora_base(ckpt_dir, tokenizer_file, seq_len, n_prompts, device, dtype,
@@ -2015,15 +2520,14 @@ def build_lora_model(ckpt_dir: str, lora: LoRAArgs, quantize: Optional[str], gro
         model, tokenizer = build_train_model(Path(ckpt_dir), "", tokenizer_file, seq_len, n_prompts,
                                              device if on_device else torch.device("cpu"), dtype, seed)
         fingerprint = base_fingerprint(model.params, model.state_dict())
-    base = {"base_path": str(Path(ckpt_dir).resolve()), "base_fingerprint": fingerprint}
-    if resume_from is None:
-        add_lora(model, lora, torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed))
-    else:
-        saved = load_lora(model, resume_from, ckpt_dir, fingerprint=base["base_fingerprint"])
+    if resume_from is not None:
+        saved, config = read_adapter_config(resume_from)
+        check_lora_base(config, fingerprint, resume_from, ckpt_dir)
         if saved != lora:
             raise ValueError(f"--resume: {resume_from} holds adapters of {saved}, but the --lora_* flags ask for "
                              f"{lora}; pass the flags it was trained with")
-    return model, tokenizer, base
+    add_lora(model, lora, torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed))
+    return model, tokenizer, adapter_config(lora, str(Path(ckpt_dir).resolve()), fingerprint)
 
 
 def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, device: torch.device):
@@ -2152,17 +2656,6 @@ def sample_during_training(model: Transformer, tokenizer: Tokenizer, prompts: tu
     model.train()
 
 
-def read_train_state(path: Path) -> dict:
-    """What --resume needs besides the weights: AdamW's state, each rank's loader position and the step."""
-    state = load_torch_file(path, weights=False)
-    if not (isinstance(state, dict) and isinstance(state.get("optimizer"), dict)
-            and isinstance(state.get("loaders"), list) and all(isinstance(s, dict) for s in state["loaders"])
-            and isinstance(state.get("step"), int)):
-        raise ValueError(f"{path} is not a train state of this script (optimizer, loaders, step); resume "
-                         "from another step_* directory (delete this one) or start a new --out_dir")
-    return state
-
-
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     """The newest complete step_NNNNNN directory (incomplete ones live under a temporary name)."""
     steps = [p for p in out_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name)]  # not step_000002_backup
@@ -2170,73 +2663,34 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
-def rng_state(device: torch.device) -> dict:
-    """The global RNG state that LoRA's dropout draws from: the CPU's, and on a GPU the GPU's too."""
-    return {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)}
-                                             if device.type == "cuda" else {})}
-
-
-def restore(ckpt: Path, model: Transformer, optimizer, loader: DistributedShardedDataLoader, run: Run) -> int:
-    """AdamW's state, this rank's loader position and (LoRA) RNG state from ckpt (the weights came with the
-    model); returns the step to continue from."""
-    state = read_train_state(ckpt / "train_state.pt")
-    if len(state["loaders"]) != run.world:
-        raise ValueError(f"{ckpt} was saved by {len(state['loaders'])} process(es); resume it with "
-                         f"the same number, not {run.world}")
-    if run.strategy == "fsdp":  # saved whole; each rank keeps its shard
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL_STATE_DICT)
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    loader.load_state_dict(state["loaders"][run.rank])
-    rngs = state.get("rng")
-    if isinstance(rngs, list):  # a LoRA run's: each rank's dropout goes on drawing where it stopped
-        rng = rngs[run.rank] if len(rngs) == run.world else None
-        if not (isinstance(rng, dict) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8
-                                              for t in rng.values()) and "cpu" in rng):
-            raise ValueError(f"{ckpt / 'train_state.pt'} holds no RNG state for rank {run.rank}; resume from "
-                             "another step_* directory (delete this one) or start a new --out_dir")
-        torch.set_rng_state(rng["cpu"])
-        if run.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], run.device)
+def restore(ckpt: Path, model: Transformer, optimizer, loader: DistributedShardedDataLoader,
+            group: Optional[dist.ProcessGroup], adapters_only: bool = False) -> int:
+    """The weights (adapters_only: a LoRA run's adapters), AdamW's state and the data position from our
+    training checkpoint ckpt, saved by any number of processes (DCP hands each rank the chunks it holds now);
+    returns the step to continue from."""
+    state = load_training_checkpoint(ckpt, model, optimizer, group, adapters_only)
+    bad = non_finite_anywhere(trained_weights(model, adapters_only), group)
+    if bad is not None:
+        raise ValueError(f"{ckpt} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
+    loader.load_step_start(state["shard"], state["position"], str(ckpt))
     print0(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     return state["step"]  # the checkpoint of step s holds the weights after s updates
 
 
-def save(step: int, out_dir: Path, model: Transformer, optimizer, loader_state: dict, tokenizer_file: Path,
-         run: Run, lora: Optional[LoRAArgs] = None, lora_base: Optional[dict] = None):
-    """step_NNNNNN in out_dir: the weights (Meta's format) and train_state.pt (AdamW, every rank's loader
-    position, the step). A LoRA run's holds the adapters instead of the weights (adapter.json naming
-    lora_base, adapter.pth), their AdamW state and every rank's RNG state. Every rank takes part; rank 0
-    writes."""
-    ours = (loader_state, rng_state(run.device))
-    every_rank = [ours]
-    if dist.is_initialized():
-        every_rank = [None] * run.world
-        dist.all_gather_object(every_rank, ours)
-    loaders, rngs = [loader for loader, _ in every_rank], [rng for _, rng in every_rank]
-    model_sd = optim_sd = None
-    if run.strategy == "fsdp":  # every rank takes part in gathering the full weights and AdamW state
-        model_sd = get_model_state_dict(model, options=FULL_STATE_DICT if lora is None else ADAPTERS_STATE_DICT)
-        optim_sd = get_optimizer_state_dict(model, optimizer, options=FULL_STATE_DICT)
-    if run.rank == 0:
-        path = out_dir / f"step_{step:06d}"
-        extra = {"optimizer": optim_sd or optimizer.state_dict(), "loaders": loaders, "step": step}
-        if lora is None:
-            save_checkpoint(model, path, tokenizer_file, extra, model_sd)
-        else:
-            adapters = lora_state_dict(model) if model_sd is None else model_sd
-            save_lora_checkpoint(path, lora, lora_base, adapters, {**extra, "rng": rngs})
-        print0(f"saved {path}", file=sys.stderr)
-
-
-def check_disk_space(out_dir: Path, model: Transformer):
-    """A checkpoint holds the trained weights (all, or a LoRA run's adapters) and AdamW's two moments:
-    refuse a run that cannot save one."""
-    need = 3 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+def check_disk_space(out_dir: Path, model: Transformer, export: bool = True):
+    """What a run writes at the least: a training checkpoint (the trained weights, all or a LoRA run's
+    adapters, and AdamW's two moments, each in the weights' dtype, so 12 bytes a parameter with float32 master
+    weights, a tied embedding once; every rank's shards land in out_dir) and, with export, the export at the
+    end (2 bytes a parameter in bf16, and Meta's output.weight even when tied; twice that while it is written,
+    through a scratch file as large). Refuse a run without room for both."""
+    params = list(model.parameters())  # each shared parameter once; under FSDP whole (DTensor) sizes
+    checkpoint = sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad)
+    exported = export * 2 * 2 * (sum(p.numel() for p in params)
+                                 + model.params.tie_word_embeddings * model.output.weight.numel())
     free = shutil.disk_usage(out_dir).free
-    if free < need:
+    if free < checkpoint + exported:
         raise OSError(f"--out_dir {out_dir} has {free / 1e9:.2f} GB free, but a checkpoint of this model "
-                      f"needs about {need / 1e9:.2f} GB")
+                      f"needs about {checkpoint / 1e9:.2f} GB and its export {exported / 1e9:.2f} GB while written")
 
 
 def flops_per_token(args: ModelArgs, T: int, frozen: bool = False) -> float:
@@ -2250,6 +2704,11 @@ def flops_per_token(args: ModelArgs, T: int, frozen: bool = False) -> float:
     return (4 if frozen else 6) * n_matmul + 12 * args.n_layers * T * args.dim
 
 
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """A 64-bit seed for one rank's dropout masks in one step, as unrelated to its neighbours' as a hash makes it."""
+    return int.from_bytes(hashlib.sha256(f"{seed} {step} {rank}".encode()).digest()[:8], "little")
+
+
 def log_json(path: Path, record: dict):
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -2259,13 +2718,14 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
                val_loader: Optional[DistributedShardedDataLoader], run: Run, *, start_step: int, max_steps: int,
                learning_rate: float, warmup_steps: int, min_lr_frac: float, grad_accum: int, grad_clip: float,
                max_bad_steps: int, val_every: int, val_steps: int, sample_every: int, sample_prompts: tuple,
-               sample_len: int, seed: int, save_every: int, out_dir: Path, tokenizer: Tokenizer,
-               tokenizer_file: Path, autocast_ctx, tokens_per_step: int, peak_flops: float,
-               lora: Optional[LoRAArgs] = None, lora_base: Optional[dict] = None) -> list:
-    """Steps start_step .. max_steps - 1 of train (which describes the flags), with eval, samples and
-    checkpoints between them; returns the losses of the steps taken."""
+               sample_len: int, seed: int, save_every: int, export_every: int, checkpointer: Checkpointer,
+               out_dir: Path, tokenizer: Tokenizer, tokenizer_file: Path, autocast_ctx, tokens_per_step: int,
+               peak_flops: float, adapter: Optional[dict] = None) -> list:
+    """Steps start_step .. max_steps - 1 of train (which describes the flags), with eval, samples,
+    checkpoints and exports between them; returns the losses of the steps taken. adapter: a LoRA run's
+    adapter.json, which its checkpoints hold with the adapters (and no export)."""
     losses, bad_steps, on_gpu = [], 0, run.device.type == "cuda"
-    flops_per_tok = flops_per_token(model.params, batches.loader.T, frozen=lora is not None)
+    flops_per_tok = flops_per_token(model.params, batches.loader.T, frozen=adapter is not None)
     for step in range(start_step, max_steps + 1):
         last_step = step == max_steps
         # eval and samples at step 0 (where the run starts from), every N steps, and after the last update
@@ -2281,12 +2741,23 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
             flag = torch.tensor(float(stop), device=run.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
-        if step > start_step and (save_every and step % save_every == 0 or last_step or stop):
-            save(step, out_dir, model, optimizer, batches.loader_state, tokenizer_file, run, lora, lora_base)
+        # an export is made from a checkpoint, so its steps are saved too; a signal saves without one, to exit
+        # within a scheduler's grace period (`llama31.py export` makes it later). A LoRA run exports nothing:
+        # its adapters are merged into their base by `llama31.py merge`
+        export_now = adapter is None and not stop and (last_step or export_every and step % export_every == 0)
+        if step > start_step and (save_every and step % save_every == 0 or export_now or last_step or stop):
+            checkpointer.save(step, model, optimizer, *batches.loader.step_start(batches.loader_state), tokenizer_file,
+                              export_to=out_dir / f"export_{step:06d}" if export_now else None,
+                              blocking=last_step or stop, adapter=adapter)
         if last_step or stop:
             break
 
         t0 = time.time()
+        if adapter is not None:
+            # LoRA's dropout masks come from a seed of (seed, step, rank), not from an RNG state carried along:
+            # a resumed run draws what the uninterrupted one drew (on any number of processes, what a run of
+            # that many draws), and a checkpoint needs no RNG state
+            torch.manual_seed(dropout_seed(seed, step, run.rank))
         lr = get_lr(step, max_steps, learning_rate, warmup_steps, min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -2317,6 +2788,10 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
                                              "ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu})
     if stop:
         print0(f"stopped by a signal after saving step {step}; continue with --resume", file=sys.stderr)
+    elif adapter is not None:
+        print0(f"LoRA: {out_dir / f'step_{step:06d}'} holds the adapters (a LoRA run exports nothing); merge them "
+               f"into their base: llama31.py merge --ckpt_dir {adapter['base_path']} --lora_dir "
+               f"{out_dir / f'step_{step:06d}'} --out_dir DIR", file=sys.stderr)
     return losses
 
 
@@ -2329,7 +2804,8 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
           resume: bool = False, seed: int = 1337, device: Optional[str] = None, pure_bf16: bool = False,
           compile: bool = False, overfit_single_batch: bool = False, max_bad_steps: int = 5,
           peak_flops: float = PEAK_FLOPS, tokenizer_path: Optional[str] = None, fsdp: Optional[bool] = None,
-          activation_checkpointing: bool = False, lora_rank: Optional[int] = None, lora_alpha: float = 16.0,
+          activation_checkpointing: bool = False, async_save: Optional[bool] = None, export_every: int = 0,
+          keep_last: Optional[int] = None, lora_rank: Optional[int] = None, lora_alpha: float = 16.0,
           lora_dropout: float = 0.0, lora_targets: tuple = tuple(LORA_TARGETS), quantize: Optional[str] = None,
           group_size: int = INT4_GROUP_SIZE) -> list:
     """Finetune a Meta checkpoint (--ckpt_dir) or train a --model preset from scratch, on shards made by
@@ -2340,13 +2816,20 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     small learning rates stall. --grad_clip 0 turns clipping off. With several GPUs (or --fsdp) the model
     is sharded with FSDP2 instead of replicated with DDP; --activation_checkpointing recomputes each block
     in the backward pass to save memory. --compile compiles the model (each block, under FSDP).
+    Checkpoints out_dir/step_NNNNNN (every --save_every steps, at the end, on SIGTERM / SIGINT) are sharded:
+    each rank writes its own part, and --resume continues one on any number of processes. --async_save (on
+    by default on GPUs) writes them in the background, pausing training only to copy them to host memory.
+    --keep_last K keeps the K newest. out_dir/export_NNNNNN is the model alone in Meta's format in bf16,
+    written at the end and every --export_every steps.
     --lora_rank R: LoRA instead of full finetuning: the base of --ckpt_dir frozen (bf16 on a GPU), float32
     adapters of rank R scaled by --lora_alpha / R on the --lora_targets of every block, with --lora_dropout
-    on their input; only the adapters are trained and saved. --quantize int4 with it: QLoRA, the frozen
-    blocks in 4 bits (groups of --group_size; one process). Returns the list of per-step training losses."""
+    on their input; only the adapters are trained and checkpointed (no export: `merge` folds a checkpoint's
+    adapters into the base). --quantize int4 with it: QLoRA, the frozen blocks in 4 bits (groups of
+    --group_size; one process). Returns the list of per-step training losses."""
     check_train_flags(batch_size=batch_size, seq_len=seq_len, max_steps=max_steps, val_steps=val_steps,
                       max_bad_steps=max_bad_steps, sample_len=sample_len, warmup_steps=warmup_steps,
                       val_every=val_every, sample_every=sample_every, save_every=save_every, seed=seed,
+                      export_every=export_every, keep_last=keep_last,
                       learning_rate=learning_rate, min_lr_frac=min_lr_frac, weight_decay=weight_decay,
                       grad_clip=grad_clip, peak_flops=peak_flops)
     lora = None if lora_rank is None else LoRAArgs(lora_rank, lora_alpha, lora_dropout, lora_targets).check()
@@ -2357,9 +2840,13 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     if lora is not None and (ckpt_dir is None or pure_bf16):
         raise ValueError("--lora_rank finetunes the base model of --ckpt_dir (without --pure_bf16: the base is "
                          "bf16 already, the adapters and their AdamW state stay float32)")
+    if lora is not None and export_every:
+        raise ValueError(f"--export_every {export_every}: a LoRA run checkpoints its adapters only and exports "
+                         "nothing; merge a checkpoint into the base (llama31.py merge --ckpt_dir BASE --lora_dir "
+                         "out/run/step_N --out_dir D)")
     sample_prompts = (sample_prompts,) if isinstance(sample_prompts, str) else tuple(sample_prompts)
     B, T, out_dir = batch_size, seq_len, Path(out_dir)
-    with distributed(device, fsdp) as run:
+    with distributed(device, fsdp) as run, Checkpointer(out_dir, async_save, keep_last, run.device) as checkpointer:
         if sample_every and run.strategy == "fsdp":
             raise ValueError("--sample_every needs the whole model in one process, which FSDP shards; sample "
                              "from a saved checkpoint with `llama31.py sample` instead")
@@ -2388,14 +2875,14 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
         use_autocast = on_gpu and not pure_bf16 and run.strategy != "fsdp"
         autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         source = resume_from or ckpt_dir
-        lora_base = None
+        adapter = None
         if lora is None:
             tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
             raw_model, tokenizer = build_train_model(source, model, tokenizer_file, T, len(sample_prompts),
-                                                     run.device, master_dtype, seed)
+                                                     run.device, master_dtype, seed, resuming=resume_from is not None)
         else:  # the model and tokenizer from --ckpt_dir, whose base the adapters of resume_from sit on
             tokenizer_file = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
-            raw_model, tokenizer, lora_base = build_lora_model(
+            raw_model, tokenizer, adapter = build_lora_model(
                 ckpt_dir, lora, quantize, group_size, resume_from, tokenizer_file, T, len(sample_prompts),
                 run.device, on_device=run.strategy != "fsdp", seed=seed)
         raw_model.train()
@@ -2407,8 +2894,12 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
         vocab_size = raw_model.params.vocab_size
         train_loader = DistributedShardedDataLoader(train_data, B, T, run.rank, run.world, vocab_size)
         val_loader = DistributedShardedDataLoader(val_data, B, T, run.rank, run.world, vocab_size) if val_data else None
+        start_step = 0
+        if resume_from is not None:
+            start_step = restore(resume_from, raw_model, optimizer, train_loader, checkpointer.group,
+                                 adapters_only=lora is not None)
         if run.rank == 0:
-            check_disk_space(out_dir, raw_model)
+            check_disk_space(out_dir, raw_model, export=lora is None)
         what = f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters"
         if lora is not None:
             what = (f"{'QLoRA' if quantize else 'LoRA'} rank {lora.rank} on {','.join(lora.targets)}: "
@@ -2418,21 +2909,18 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
                f"{total_batch_size:,} tokens/step | {run.device} {master_dtype}"
                f"{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
 
-        # LoRA's dropout draws from the global RNG: seeded here per rank (and saved with every checkpoint), the
-        # caller's RNG state back when train returns
+        # LoRA's dropout draws from the global RNG, which train_loop seeds at every step: the caller's RNG
+        # state comes back when train returns
         with torch.random.fork_rng(devices=[run.device] if on_gpu else []):
-            if lora is not None:
-                torch.manual_seed(seed + run.rank)
-            start_step = restore(resume_from, raw_model, optimizer, train_loader, run) if resume_from else 0
             return train_loop(net, raw_model, optimizer, Batches(train_loader, run.device, fixed=overfit_single_batch),
                               val_loader, run, start_step=start_step, max_steps=max_steps,
                               learning_rate=learning_rate, warmup_steps=warmup_steps, min_lr_frac=min_lr_frac,
                               grad_accum=grad_accum, grad_clip=grad_clip, max_bad_steps=max_bad_steps,
                               val_every=val_every, val_steps=val_steps, sample_every=sample_every,
                               sample_prompts=sample_prompts, sample_len=sample_len, seed=seed, save_every=save_every,
-                              out_dir=out_dir, tokenizer=tokenizer, tokenizer_file=tokenizer_file,
-                              autocast_ctx=autocast_ctx, tokens_per_step=total_batch_size, peak_flops=peak_flops,
-                              lora=lora, lora_base=lora_base)
+                              export_every=export_every, checkpointer=checkpointer, out_dir=out_dir,
+                              tokenizer=tokenizer, tokenizer_file=tokenizer_file, autocast_ctx=autocast_ctx,
+                              tokens_per_step=total_batch_size, peak_flops=peak_flops, adapter=adapter)
 
 
 # -----------------------------------------------------------------------------
@@ -2554,7 +3042,7 @@ def demo(out_dir: str = "out/demo", data_dir: str = "data/pydoc", max_steps: int
     minutes on 2 CPU cores."""
     import pydoc_data.topics
     t0 = time.time()
-    previous = [p for p in Path(out_dir).glob("step_[0-9]*")] + list(Path(out_dir).glob("log.jsonl"))
+    previous = [p for pattern in ("step_[0-9]*", "export_[0-9]*", "log.jsonl") for p in Path(out_dir).glob(pattern)]
     if previous:  # the demo's own output from an earlier run
         print(f"replacing the earlier demo run in {out_dir}", file=sys.stderr)
         for p in previous:
@@ -2583,11 +3071,14 @@ def demo(out_dir: str = "out/demo", data_dir: str = "data/pydoc", max_steps: int
 
 def main():
     import fire  # imported here so the module itself needs only torch and tiktoken
+    import warnings
+    # DCP warns on every save or load without a process group, which is how one process saves and export reads
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
     try:
         # results are for Python callers (tests); the commands print what a user needs
         fire.Fire({"demo": demo, "sample": sample, "chat": chat, "train": train, "prepare": prepare,
-                    "tinystories": tinystories, "convert": convert, "eval": eval_checkpoint,
-                    "merge": merge},
+                   "tinystories": tinystories, "convert": convert, "eval": eval_checkpoint, "export": export,
+                   "merge": merge},
                   serialize=lambda result: None)
     except (ValueError, OSError, FloatingPointError) as e:  # the user's to fix: one line, no traceback
         print(f"llama31: error: {e}", file=sys.stderr)
