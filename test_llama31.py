@@ -2217,6 +2217,8 @@ def test_lora_dir_errors_are_one_line(tmp_path, tiny_ckpt, lora_dir):
          "--to 'gguf' must be hf or meta"),
         (lambda: llama31.Llama.build(str(tiny_ckpt), device="cpu", quantize="int8", lora_dir=str(lora_dir)),
          ValueError, "--lora_dir runs adapters on the base's own weights, not on --quantize'd ones; merge"),
+        (lambda: llama31.export(str(lora_dir), str(tmp_path / "m")), ValueError,
+         f"{lora_dir} holds LoRA adapters, not a model: merge them into the base they were trained on"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=re.escape(message)):
@@ -2357,9 +2359,11 @@ def test_lora_training_starts_at_the_base_loss_and_saves_only_the_adapters(init_
 
 @pytest.mark.parametrize("quantize", [None, "int4"])
 def test_lora_and_qlora_resume_continues_exactly(init_ckpt, qlora_ckpt, train_data, tmp_path, quantize):
-    """As test_resume_continues_exactly, with adapters (and dropout, which draws from the RNG)."""
+    """As test_resume_continues_exactly, with adapters (and dropout, which draws from the RNG), their
+    checkpoints written in the background (--async_save, as on a GPU)."""
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    kw = dict(max_steps=6, save_every=3, learning_rate=1e-2, lora_dropout=0.1, quantize=quantize, **LORA_FLAGS)
+    kw = dict(max_steps=6, save_every=3, learning_rate=1e-2, lora_dropout=0.1, quantize=quantize, async_save=True,
+              **LORA_FLAGS)
     base = qlora_ckpt if quantize else init_ckpt
     losses_a = llama31.train(**train_kwargs(base, train_data, a_dir, **kw))
     shutil.copytree(a_dir / "step_000003", b_dir / "step_000003")
@@ -2371,7 +2375,8 @@ def test_lora_and_qlora_resume_continues_exactly(init_ckpt, qlora_ckpt, train_da
 
 def test_fsdp_lora_over_two_processes_matches_gradient_accumulation(init_ckpt, train_data, tmp_path):
     """FSDP2 shards the frozen base with the adapters: 2 processes give the losses and adapters of 1 process
-    with twice the gradient accumulation (the bounds of the full-finetuning test)."""
+    with twice the gradient accumulation (the bounds of the full-finetuning test); and their checkpoint resumes
+    on 1 process as the 1-process run's own does, within the same bounds."""
     train_two_and_one(init_ckpt, train_data, tmp_path / "fsdp", tmp_path / "one", 3, "cpu", 120, "--fsdp", "True",
                       both=("--lora_rank", "4", "--lora_alpha", "8"))
     a, b = logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "one")
@@ -2380,6 +2385,17 @@ def test_fsdp_lora_over_two_processes_matches_gradient_accumulation(init_ckpt, t
         assert loss_a == pytest.approx(loss_b, rel=1e-4, abs=0)
         assert norm_a == pytest.approx(norm_b, rel=1e-4, abs=0)
     wa, wb = lora_adapters(tmp_path / "fsdp" / "step_000003"), lora_adapters(tmp_path / "one" / "step_000003")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    # each rank wrote its half of every adapter and moment; one process reads both halves (DCP reshards) and
+    # goes on from the same token of the data
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "step_000003").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "adapter.json"]
+    shutil.copytree(tmp_path / "fsdp" / "step_000003", tmp_path / "resharded" / "step_000003")
+    kw = dict(max_steps=5, warmup_steps=1, total_batch_size=2 * B * T, resume=True, **LORA_FLAGS)
+    resharded = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "resharded", **kw))
+    continued = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "one", **kw))
+    assert len(continued) == 2 and resharded == pytest.approx(continued, rel=1e-4, abs=0)
+    wa, wb = lora_adapters(tmp_path / "resharded" / "step_000005"), lora_adapters(tmp_path / "one" / "step_000005")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
 
 
@@ -2417,6 +2433,8 @@ def test_lora_train_errors_name_the_flag_and_are_one_line(init_ckpt, train_data,
          "holds adapters of LoRAArgs\\(rank=4, alpha=8.0.*flags ask for LoRAArgs\\(rank=8, alpha=16.0"),
         (dict(resume=True, out_dir=str(lora_run)), "step_000001 holds LoRA adapters; resume it with the --lora_"),
         (dict(resume=True, out_dir=str(full_run), **LORA_FLAGS), "step_000001 holds a whole model; resume it without"),
+        (dict(export_every=2, **LORA_FLAGS), "--export_every 2: a LoRA run checkpoints its adapters only and exports "
+                                             "nothing; merge"),
     ]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
