@@ -721,7 +721,8 @@ def quantize_linears(model: Transformer, quantize: str, group_size: int, device:
 # Megatron's split, which Meta's model-parallel files use too: wq/wk/wv and w1/w3 keep 1/N of their output rows
 # (whole heads; hidden units), so each rank runs its own heads and its share of the SwiGLU on the whole input;
 # wo and w2 keep the matching 1/N of their input columns, so each rank's output is a partial sum, and one
-# all-reduce after the attention and one after the feed-forward add the N partial sums up.
+# all-reduce after the attention and one after the feed-forward add the N partial sums up. (Meta's files cut
+# these weights along the same dims, COLUMN_PARALLEL and ROW_PARALLEL: a rank reads the files its slice is in.)
 TP_COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
              "feed_forward.w3.weight")
 TP_ROW = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -750,7 +751,10 @@ class TensorParallel:
     a step reads one embedding row per token, so splitting it would save memory, not time, at the cost of one
     more all-reduce per step. Quantized, each rank quantizes its own slices, to the integers and scales one
     process would give them (see Int8Linear.rows_split; int4's groups run along the inputs, so a rank's
-    columns of wo and w2 must be whole groups)."""
+    columns of wo and w2 must be whole groups). Every rank samples the same token with no broadcast of rank
+    0's: the logits are the same bytes on every rank (all-gathered; or, replicated, computed by the same
+    kernels from the same all-reduced sums, which NCCL and gloo hand to every rank alike), and every rank
+    draws from a generator of the same seed."""
     rank: int
     world: int
     # The output layer split over the vocabulary, its logits all-gathered. Replicated, every rank would read all
@@ -768,6 +772,8 @@ class TensorParallel:
         return 1 if name.endswith(TP_ROW) else None
 
     def check(self, args: ModelArgs, source, quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE):
+        """N must split the kv heads (and so the query heads), the SwiGLU width and (vocab_parallel) the
+        vocabulary evenly, and int4's groups must fit a rank's columns of wo and w2."""
         def fits(n: int) -> bool:
             return (args.n_kv_heads % n == 0 and args.hidden_dim % n == 0
                     and (args.vocab_size % n == 0 or self.split_dim("output.weight", args) is None))

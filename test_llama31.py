@@ -3039,7 +3039,7 @@ def tp_worker(out_dir: str, device: str, compile: str, *ckpts: str):
     vocab_parallel): whole-sequence logits, logits through the KV cache (prefill, then the decode step, compiled
     if COMPILE is 1), greedy tokens, the quantized weights of wo, w2 and the output layer; top-p tokens of the
     first. With a checkpoint named one_kv_head, also what sample and chat print (stdin only on rank 0) and the
-    errors of sample on one_kv_head and of int4 groups that do not fit a rank's columns."""
+    errors of sample on one_kv_head, of int4 groups that do not fit a rank's columns, and of eval."""
     tok = Tokenizer(default_tokenizer_path())
     llama31.Tokenizer = lambda path: tok  # read once, not per checkpoint (the cached_tokenizer fixture's trick)
     rank = int(os.environ["RANK"])
@@ -3081,6 +3081,7 @@ def tp_worker(out_dir: str, device: str, compile: str, *ckpts: str):
         results["bad_n"] = run_main(["sample", "--ckpt_dir", dirs["one_kv_head"], *TP_SAMPLE_FLAGS], "")
         results["bad_group"] = run_main(["sample", "--ckpt_dir", dirs[first], *TP_SAMPLE_FLAGS, "--quantize", "int4",
                                          "--group_size", GROUP], "")
+        results["eval"] = run_main(["eval", "--ckpt_dir", dirs[first], "--data", "no_such_*.bin"], "")
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -3168,6 +3169,8 @@ def test_tensor_parallel_tied_output_layer(tp_cpu, tp_ckpts):
     out = tp_cpu[0][("tied", None, True)]
     assert (out["whole"] - want).abs().max().item() < TOL
     assert out["greedy"] == one.generate(TP_PROMPTS, max_gen_len=12, temperature=0)
+    # each rank computes all the logits from the all-reduced hidden states, which are the same on both
+    assert torch.equal(out["whole"], tp_cpu[1][("tied", None, True)]["whole"])
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
@@ -3189,6 +3192,7 @@ def test_tensor_parallel_quantizes_each_rank_s_slices_as_one_process_quantizes_t
         logits = one.model(random_tokens(2, 12, seed=3))
     out = tp_cpu[0][("quant", quantize, True)]
     assert (out["whole"] - logits).abs().max().item() < TOL
+    assert torch.equal(out["whole"], tp_cpu[1][("quant", quantize, True)]["whole"])
     assert out["greedy"] == one.generate(TP_PROMPTS, max_gen_len=12, temperature=0)
 
 
@@ -3209,7 +3213,9 @@ def test_tensor_parallel_that_does_not_fit_the_model_is_a_one_line_error(tp_cpu,
                           "choose N from [1]"),
                 ("bad_group", "--group_size 32 does not divide the 32 and 112 inputs of wo and w2 that each of N=2 "
                               "processes holds: int4's groups run along the inputs, and a rank's columns must be "
-                              "whole groups; use --quantize int8 or another N")):
+                              "whole groups; use --quantize int8 or another N"),
+                ("eval", "eval runs in one process, not under torchrun (tensor parallelism is for sample and chat); "
+                         "--quantize int8 fits Llama 3.1 70B on one H200")):
             code, out, err = tp_cpu[rank][case]
             assert code == 2 and out == "" and "Traceback" not in err, err
             assert err.strip().splitlines()[-1] == f"llama31: error: {message}"
