@@ -3063,12 +3063,15 @@ def tp_worker(out_dir: str, device: str, compile: str, *ckpts: str):
         with torch.inference_mode():
             whole = model(tokens)
             model.setup_caches(2, SEQ)
+            kv_heads = model.layers[0].attention.cache.cache_k.shape[1]
             cached = [llama31.prefill(model, tokens[:, :6], torch.arange(6, device=device))]
-            cached += [llama.decode(model, tokens[:, p: p + 1], torch.tensor([p], device=device)) for p in range(6, 12)]
+            # (cloned: a compiled step's output lives in its CUDA graph's memory, which the next step overwrites)
+            cached += [llama.decode(model, tokens[:, p: p + 1], torch.tensor([p], device=device)).clone()
+                       for p in range(6, 12)]
             if not llama.compiled:  # as generate does: a compiled decode keeps its cache (and its CUDA graph)
                 model.clear_caches()
         results[(name, quantize, vocab_parallel)] = dict(
-            whole=whole.cpu(), cached=torch.stack(cached, 1).cpu(), kv_heads=model.layers[0].attention.n_kv_heads,
+            whole=whole.cpu(), cached=torch.stack(cached, 1).cpu(), kv_heads=kv_heads,
             greedy=llama.generate(TP_PROMPTS, max_gen_len=12, temperature=0),
             quantized={k: v.cpu() for k, v in model.state_dict().items() if quantize and k.startswith(
                 ("layers.0.attention.wo.", "layers.0.feed_forward.w2.", "output."))})
