@@ -5,6 +5,7 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode                      # Llama 3.1 8B shape, bf16 / int8 / int4, batch 1 and 8, compiled
     python bench.py decode --model llama3.1-70b --quantize int8,int4 --batch_sizes 1   # 70B on one H200
     python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
+    torchrun --nproc_per_node 2 bench.py decode --model llama3.1-70b --quantize bf16   # tensor-parallel, 2 GPUs
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
     python bench.py train --model llama3.1-8b --batch_size 2 --lora_rank 8 [--quantize int4]   # LoRA, QLoRA
@@ -12,21 +13,25 @@ a preset shape, so no checkpoint is needed.
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
 measured copy bandwidth / bytes read per step: the weights in their stored format (int8 or int4 with their
-scales), but not the embedding, of which a step reads one row per token; plus the KV cache. Training is
+scales), but not the embedding, of which a step reads one row per token; plus the KV cache. Tensor-parallel,
+the bytes one GPU reads (its slices and its kv heads), as all read theirs at once. Training is
 matmul-bound: MFU is model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is
 printed beside it.
 """
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 import llama31
+from llama31 import print0
 from tokenizer import Tokenizer, default_tokenizer_path
 
 
@@ -57,23 +62,30 @@ def measure_card(device) -> tuple[float, float]:
 
 
 def random_model(name: str, device, dtype, max_seq_len: int, max_batch_size: int, quantize=None,
-                 group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True) -> llama31.Transformer:
+                 group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True,
+                 tp: Optional[llama31.TensorParallel] = None) -> llama31.Transformer:
     """A preset-shaped model with random weights (normal(0, 0.02), norms at one), ready to generate. Built on
     the meta device and given its weights tensor by tensor, drawn on the GPU as load_weights asks for them and
-    quantized as they come with `quantize`: the path of a real checkpoint, and no bf16 70B ever exists."""
+    quantized as they come with `quantize`: the path of a real checkpoint, and no bf16 70B ever exists. With
+    tp, this rank's share only, drawn slice by slice: no GPU ever holds the whole 70B or 405B."""
     args = llama31.preset(name, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-    model = llama31.meta_model(args, quantize, group_size, device, quantize_output)
-    llama31.check_memory(model, device, dtype, f"the {name} preset", group_size)
+    if tp is not None:
+        tp.check(args, f"the {name} preset", quantize, group_size)
+    model = llama31.meta_model(args, quantize, group_size, device, quantize_output, tp)
+    llama31.check_memory(model, device, dtype, f"the {name} preset", group_size, tp=tp)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in llama31.Transformer(args).state_dict().items()}
     g = torch.Generator(device=device).manual_seed(0)
 
-    def read(key, dim, start, stop):
+    def read(key, dim, start, stop):  # the whole weight, or rows / columns start:stop along dim
+        shape = list(shapes[key])
+        if dim is not None:
+            shape[dim] = stop - start
         if key.endswith("norm.weight"):
-            return torch.ones(shapes[key], device=device, dtype=dtype)
-        return torch.randn(shapes[key], generator=g, device=device, dtype=dtype) * 0.02
+            return torch.ones(shape, device=device, dtype=dtype)
+        return torch.randn(shape, generator=g, device=device, dtype=dtype) * 0.02
     weights = llama31.CheckpointWeights(shapes, dict.fromkeys(shapes, dtype), read)
-    llama31.load_weights(model, weights, f"random {name}", device, dtype)
+    llama31.load_weights(model, weights, f"random {name}", device, dtype, tp)
     model.eval()
     if quantize is None:
         model.fuse_weights()  # as Llama.build does
@@ -90,26 +102,32 @@ def weight_bytes_read(net: llama31.Transformer) -> int:
 
 def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256, batch_sizes: tuple = (1, 8),
            compile: bool = True, hf: bool = False, profile: bool = False, quantize="bf16,int8,int4",
-           group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True):
+           group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True, vocab_parallel: bool = True):
     """Time generation for each of --quantize (comma-separated: bf16, int8, int4; one model after another, in
     one run): compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline, peak memory
     while loading and while generating. --group_size: int4's; --quantize_output False keeps the output
     layer in bf16 when quantizing. --profile: also print where one batch-1 generation's GPU time goes,
-    kernel by kernel."""
+    kernel by kernel. Under torchrun with N processes: tensor-parallel over N GPUs, rank 0 printing;
+    --vocab_parallel False replicates the output layer instead of splitting it over the vocabulary."""
     modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)  # fire may pass a tuple
     batch_sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)  # --batch_sizes 1
     for mode in modes:
         llama31.check_quantize(None if mode == "bf16" else mode, group_size)
-    device = llama31.pick_device("cuda")
+    tp, device = llama31.start_tensor_parallel(llama31.pick_device("cuda"))
+    if tp is not None:
+        if hf:
+            raise ValueError("--hf runs transformers on one GPU: leave out torchrun")
+        tp = dataclasses.replace(tp, vocab_parallel=vocab_parallel)
+    gpus = torch.cuda.get_device_name() + (f" x {tp.world} (tensor-parallel; GiB: rank 0's)" if tp else "")
     bw, mm = measure_card(device)
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
+    print0(f"{gpus}: copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s (each GPU)")
     max_seq_len = prompt_len + gen_len
     rows = []
     for mode in modes:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         net = random_model(model, device, torch.bfloat16, max_seq_len, max(batch_sizes),
-                           None if mode == "bf16" else mode, group_size, quantize_output)
+                           None if mode == "bf16" else mode, group_size, quantize_output, tp)
         load_s, load_gib = time.time() - t0, torch.cuda.max_memory_allocated() / 2 ** 30
         args = net.params
         llama = llama31.Llama(net, Tokenizer(default_tokenizer_path()), compile=compile)
@@ -117,8 +135,10 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
         weight_bytes = weight_bytes_read(net)
         what = mode + (f" g{group_size}" if mode == "int4" else "")
         what += " (bf16 output)" if mode != "bf16" and not quantize_output else ""
-        print(f"{what}: built in {load_s:.1f}s, peak {load_gib:.1f} GiB while building; a decode step reads "
-              f"{weight_bytes / 1e9:.2f} GB of weights", flush=True)
+        if tp is not None:
+            what += f" TP{tp.world}" + ("" if tp.split_dim("output.weight", args) == 0 else " whole-out")
+        print0(f"{what}: built in {load_s:.1f}s, peak {load_gib:.1f} GiB while building; a decode step reads "
+               f"{weight_bytes / 1e9:.2f} GB of weights{' on each GPU' if tp else ''}", flush=True)
         for B in batch_sizes:
             prompts = torch.randint(0, 128000, (B, prompt_len), generator=torch.Generator().manual_seed(B)).tolist()
             t0 = time.time()
@@ -136,17 +156,18 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
             torch.cuda.synchronize()
             total = time.time() - t0
             per_seq = (gen_len - 1) / (total - ttft)  # decode steps per second, each making B tokens
-            kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * max_seq_len * args.head_dim * 2
+            kv_heads = net.layers[0].attention.n_kv_heads  # this rank's, tensor-parallel
+            kv_bytes = 2 * args.n_layers * B * kv_heads * max_seq_len * args.head_dim * 2
             roofline = bw / (weight_bytes + kv_bytes)
             rows.append((f"llama31 {what} {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
                          100 * per_seq / roofline, load_gib, torch.cuda.max_memory_allocated() / 2 ** 30))
-            print_table(model, prompt_len, gen_len, rows)
+            print_table(model, prompt_len, gen_len, rows, gpus)
             if profile and B == batch_sizes[0]:
                 from torch.profiler import ProfilerActivity
                 with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     llama.generate(prompts, 64, temperature=0)
                     torch.cuda.synchronize()
-                print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+                print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
         del llama, net
         torch._dynamo.reset()  # frees the CUDA graphs recorded for this model before the next is built
         torch.cuda.empty_cache()
@@ -154,16 +175,16 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
         args = llama31.preset(model, max_seq_len=max_seq_len)
         bf16_bytes = weight_bytes_read(llama31.meta_model(args, None, group_size, device).to(torch.bfloat16))
         rows += hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, bf16_bytes)
-        print_table(model, prompt_len, gen_len, rows)
+        print_table(model, prompt_len, gen_len, rows, gpus)
 
 
-def print_table(model, prompt_len, gen_len, rows):
-    print(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, {torch.cuda.get_device_name()}")
-    print(f"{'what':<36}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}"
-          f"{'load GiB':>10}{'peak GiB':>10}")
+def print_table(model, prompt_len, gen_len, rows, gpus):
+    print0(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, {gpus}")
+    print0(f"{'what':<40}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}"
+           f"{'load GiB':>10}{'peak GiB':>10}")
     for name, B, warm, ttft_ms, tps, pct, load, mem in rows:
-        print(f"{name:<36}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{load:>10.1f}{mem:>10.1f}",
-              flush=True)
+        print0(f"{name:<40}{B:>6}{warm:>11.1f}{ttft_ms:>9.1f}{tps:>9.1f}{pct:>12.1f}{load:>10.1f}{mem:>10.1f}",
+               flush=True)
 
 
 def hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):

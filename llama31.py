@@ -10,6 +10,7 @@ claim against Meta's own code (reference.py). Where this file deliberately diffe
 marked "differs from Meta" says how and why.
 """
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -34,6 +35,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
@@ -546,8 +548,8 @@ class Transformer(nn.Module):
         if first is not None and first.cache_k.shape[0] == batch_size and first.cache_k.shape[2] == seq_len:
             return
         weight = self.tok_embeddings.weight
-        for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, seq_len, self.params.n_kv_heads, self.params.head_dim,
+        for layer in self.layers:  # the layer's own kv heads: under tensor parallelism, this rank's share
+            layer.attention.cache = KVCache(batch_size, seq_len, layer.attention.n_kv_heads, self.params.head_dim,
                                             weight.device, weight.dtype)
 
     def clear_caches(self):
@@ -595,13 +597,15 @@ def exact_div(a: torch.Tensor, b: float) -> torch.Tensor:
     return a / torch.tensor(b, dtype=a.dtype, device=a.device)
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(w: torch.Tensor, row_max: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per output channel: w ~ q * scale, within half a step (scale / 2) for
-    every weight. w (n, k) float -> q (n, k) int8, scales (n,) bf16."""
+    every weight. w (n, k) float -> q (n, k) int8, scales (n,) bf16. row_max: max|w| of each whole row, where w
+    holds only some of its columns (tensor parallelism), so that the scales are the whole rows'."""
     w = w.float()
+    row_max = w.abs().amax(dim=1) if row_max is None else row_max
     # the scale is kept in bf16, within 2^-8 of max|w| / 127: max|w| / scale <= 127 / (1 - 2^-8) < 127.5, so
     # every weight still rounds to a q within [-127, 127] and the rounding is never clamped
-    scales = exact_div(w.abs().amax(dim=1), 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
+    scales = exact_div(row_max, 127).clamp(min=TINY_SCALE).to(torch.bfloat16)
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -633,9 +637,13 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features, self.sources = in_features, out_features, sources
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.bfloat16))
+        self.rows_split = False  # tensor parallelism's wo and w2: every rank holds some columns of each row
 
     def quantize(self, w: torch.Tensor) -> dict:
-        q, scales = quantize_int8(w)
+        row_max = w.float().abs().amax(dim=1)
+        if self.rows_split:  # the whole rows' max, so every rank's scales are the ones one process would give
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+        q, scales = quantize_int8(w, row_max)
         return {"weight": q, "scales": scales}
 
     def forward(self, x):
@@ -708,25 +716,147 @@ def quantize_linears(model: Transformer, quantize: str, group_size: int, device:
     them in two matmul kernels instead of five, as Transformer.fuse_weights does for float weights. With
     output=True the output layer becomes int8 too: it is 1/15 of 8B's bf16 bytes but 1/5 of its int4 bytes,
     and int8 with a scale per row (per token) keeps the logits close. The model can no longer be trained."""
-    args = model.params
-
     def linear(in_features, out_features, sources):
         if quantize == "int8":
             return Int8Linear(in_features, out_features, sources)
         return Int4Linear(in_features, out_features, sources, group_size, tiled=device.type == "cuda")
-    qkv_dim = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-    with torch.device("meta"):
+    with torch.device("meta"):  # the float linears' sizes: under tensor parallelism, this rank's share
         for layer in model.layers:
             attention, ffn = layer.attention, layer.feed_forward
-            attention.wqkv = linear(args.dim, qkv_dim, ("wq", "wk", "wv"))
-            attention.wo = linear(args.n_heads * args.head_dim, args.dim, ("wo",))
+            qkv_dim = attention.wq.out_features + attention.wk.out_features + attention.wv.out_features
+            attention.wqkv = linear(attention.wq.in_features, qkv_dim, ("wq", "wk", "wv"))
+            attention.wo = linear(attention.wo.in_features, attention.wo.out_features, ("wo",))
             attention.wq = attention.wk = attention.wv = None
-            ffn.w13 = linear(args.dim, 2 * args.hidden_dim, ("w1", "w3"))
-            ffn.w2 = linear(args.hidden_dim, args.dim, ("w2",))
+            ffn.w13 = linear(ffn.w1.in_features, 2 * ffn.w1.out_features, ("w1", "w3"))
+            ffn.w2 = linear(ffn.w2.in_features, ffn.w2.out_features, ("w2",))
             ffn.w1 = ffn.w3 = None
         if output:
-            model.output = Int8Linear(args.dim, args.vocab_size, ("output",))
+            model.output = Int8Linear(model.output.in_features, model.output.out_features, ("output",))
     return model
+
+
+# -----------------------------------------------------------------------------
+# tensor parallelism: generation over N processes of one host (torchrun), each holding 1/N of every layer
+
+# Megatron's split, which Meta's model-parallel files use too: wq/wk/wv and w1/w3 keep 1/N of their output rows
+# (whole heads; hidden units), so each rank runs its own heads and its share of the SwiGLU on the whole input;
+# wo and w2 keep the matching 1/N of their input columns, so each rank's output is a partial sum, and one
+# all-reduce after the attention and one after the feed-forward add the N partial sums up. (Meta's files cut
+# these weights along the same dims, COLUMN_PARALLEL and ROW_PARALLEL: a rank reads the files its slice is in.)
+TP_COLUMN = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "feed_forward.w1.weight",
+             "feed_forward.w3.weight")
+TP_ROW = ("attention.wo.weight", "feed_forward.w2.weight")
+# the functional all-gather is all_gather_single from PyTorch 2.13 on (all_gather_tensor, the old name, warns)
+all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def add_partial_sums(module, inputs, output):
+    """Forward hook of each attention and feed-forward under tensor parallelism: the partial sums of their
+    row-parallel wo / w2, added up on every rank. A functional collective, so torch.compile captures it into
+    the decode step's CUDA graph."""
+    return funcol.all_reduce(output, "sum", dist.group.WORLD)
+
+
+def gather_vocab(module, inputs, output):
+    """Forward hook of a vocabulary-parallel output layer: the ranks' slices of the logits, joined along the
+    vocabulary: the same bytes on every rank."""
+    return all_gather(output, output.ndim - 1, dist.group.WORLD)
+
+
+@dataclass
+class TensorParallel:
+    """One process's share of a model spread over `world` processes for generation: rank r holds query heads
+    [r, r + 1) * n_heads / world and the kv heads they read, the same share of every feed-forward's hidden
+    units and (vocab_parallel) of the output layer's rows. The embedding and the norms are whole on every rank:
+    a step reads one embedding row per token, so splitting it would save memory, not time, at the cost of one
+    more all-reduce per step. Quantized, each rank quantizes its own slices, to the integers and scales one
+    process would give them (see Int8Linear.rows_split; int4's groups run along the inputs, so a rank's
+    columns of wo and w2 must be whole groups). Every rank samples the same token with no broadcast of rank
+    0's: the logits are the same bytes on every rank (all-gathered; or, replicated, computed by the same
+    kernels from the same all-reduced sums, which NCCL and gloo hand to every rank alike), and every rank
+    draws from a generator of the same seed."""
+    rank: int
+    world: int
+    # The output layer split over the vocabulary, its logits all-gathered. Replicated, every rank would read all
+    # of it every step: 8B on 2 GPUs, 1.05 GB on top of a rank's 7.5 GB in bf16 (+7%; on 4 GPUs +21%), where
+    # the all-gather moves B x 128256 logits (256 KB at batch 1, tens of microseconds). A tied output layer is
+    # the embedding, which every rank holds whole anyway: it stays replicated.
+    vocab_parallel: bool = True
+
+    def split_dim(self, name: str, args: ModelArgs) -> Optional[int]:
+        """The dim along which weight `name` is cut across ranks (0: output rows, 1: input columns), or None
+        where every rank holds it whole."""
+        if name.endswith(TP_COLUMN) or (name == "output.weight" and self.vocab_parallel
+                                        and not args.tie_word_embeddings):
+            return 0
+        return 1 if name.endswith(TP_ROW) else None
+
+    def check(self, args: ModelArgs, source, quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE):
+        """N must split the kv heads (and so the query heads), the SwiGLU width and (vocab_parallel) the
+        vocabulary evenly, and int4's groups must fit a rank's columns of wo and w2."""
+        def fits(n: int) -> bool:
+            return (args.n_kv_heads % n == 0 and args.hidden_dim % n == 0
+                    and (args.vocab_size % n == 0 or self.split_dim("output.weight", args) is None))
+        if not fits(self.world):
+            choices = [n for n in range(1, args.n_kv_heads + 1) if fits(n)]
+            raise ValueError(f"tensor parallelism over N={self.world} processes (torchrun --nproc_per_node "
+                             f"{self.world}) cannot split {source}: N must divide n_kv_heads={args.n_kv_heads} (and "
+                             f"the SwiGLU width {args.hidden_dim}); choose N from {choices}")
+        inputs = (args.dim // self.world, args.hidden_dim // self.world)  # a rank's columns of wo and w2
+        if quantize == "int4" and any(k % group_size for k in inputs):
+            fit = [g for g in (32, 64, 128, 256) if not any(k % g for k in inputs)]
+            raise ValueError(f"--group_size {group_size} does not divide the {inputs[0]} and {inputs[1]} inputs of "
+                             f"wo and w2 that each of N={self.world} processes holds: int4's groups run along the "
+                             "inputs, and a rank's columns must be whole groups; "
+                             + (f"choose --group_size from {fit} or another N" if fit else
+                                "use --quantize int8 or another N"))
+
+    def shard(self, model: Transformer):
+        """Cut a model built on the meta device down to this rank's shapes, before its linears are quantized and
+        its weights loaded: the split linears get their local sizes (fuse_weights then fuses a rank's own rows)
+        and attention its local head counts (and so the KV cache its local kv heads)."""
+        for name, m in model.named_modules():
+            dim = self.split_dim(f"{name}.weight", model.params) if isinstance(m, nn.Linear) else None
+            if dim is not None:
+                shape = list(m.weight.shape)
+                shape[dim] //= self.world
+                m.weight = nn.Parameter(torch.empty(shape, dtype=m.weight.dtype, device="meta"))
+                m.out_features, m.in_features = shape
+        for layer in model.layers:
+            layer.attention.n_heads //= self.world
+            layer.attention.n_kv_heads //= self.world
+
+    def add_collectives(self, model: Transformer):
+        """The collectives, as forward hooks, so the model's own code runs unchanged: an all-reduce after every
+        attention and feed-forward, and the all-gather of a vocabulary-parallel output layer's logits."""
+        for layer in model.layers:
+            layer.attention.register_forward_hook(add_partial_sums)
+            layer.feed_forward.register_forward_hook(add_partial_sums)
+            for row_parallel in (layer.attention.wo, layer.feed_forward.w2):
+                if isinstance(row_parallel, Int8Linear):
+                    row_parallel.rows_split = True
+        if self.split_dim("output.weight", model.params) == 0:
+            model.output.register_forward_hook(gather_vocab)
+
+
+def start_tensor_parallel(device: torch.device) -> tuple[Optional[TensorParallel], torch.device]:
+    """Under torchrun with WORLD_SIZE > 1 (Llama.build, sample, chat, bench.py decode; train means DDP/FSDP
+    there): this process's TensorParallel, the process group started if nobody has (NCCL on GPUs, gloo on the
+    CPU), and its device: the GPU of its LOCAL_RANK, or the CPU. In one process: (None, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"tensor parallelism runs on CUDA GPUs (NCCL) or the CPU (gloo), not on {device}; "
+                         "pass --device cuda or --device cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        atexit.register(dist.destroy_process_group)
+    return TensorParallel(dist.get_rank(), dist.get_world_size()), device
 
 
 # -----------------------------------------------------------------------------
@@ -954,21 +1084,27 @@ class Llama:
         (config.json + safetensors) or a training checkpoint of train (step_NNNNNN: DCP's .metadata and
         shards). device: cuda, then mps, then cpu by default; dtype: bfloat16 on a GPU that supports it, else
         float32. quantize: "int8" or "int4" (groups of group_size) weights, quantized tensor by tensor as they
-        are read (see quantize_linears). lora_dir: the adapters of a LoRA run on this base (its step_NNNNNN),
-        kept apart from its (unquantized) weights; `merge` folds them in."""
+        are read (see quantize_linears). Under torchrun with N processes, tensor-parallel: each process reads
+        and runs its share of the model (see TensorParallel), on the GPU of its LOCAL_RANK. lora_dir: the
+        adapters of a LoRA run on this base (its step_NNNNNN), kept apart from its (unquantized) weights;
+        `merge` folds them in."""
         check_quantize(quantize, group_size)
         if quantize is not None and lora_dir is not None:
             raise ValueError("--lora_dir runs adapters on the base's own weights, not on --quantize'd ones; merge "
                              "them into the base first (llama31.py merge), then quantize that")
-        device = pick_device(device)
+        tp, device = start_tensor_parallel(pick_device(device))
+        if tp is not None and lora_dir is not None:
+            raise ValueError("--lora_dir runs whole adapters in one process, not on a tensor-parallel share of the "
+                             "base; under torchrun, merge them into the base first (llama31.py merge)")
         dtype = pick_dtype(dtype, device)
         t0 = time.time()
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
                                       max_batch_size=max_batch_size, device=device, dtype=dtype, quantize=quantize,
-                                      group_size=group_size)
+                                      group_size=group_size, tp=tp)
         weights = f"{quantize} weights, " if quantize else ""
         peak = f", peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB" if device.type == "cuda" else ""
-        print0(f"loaded {ckpt_dir} ({model_bytes(model, dtype) / 2 ** 30:.2f} GiB, {weights}{dtype}, {device}"
+        share = f" on each of {tp.world} tensor-parallel processes" if tp else ""
+        print0(f"loaded {ckpt_dir} ({model_bytes(model, dtype) / 2 ** 30:.2f} GiB{share}, {weights}{dtype}, {device}"
                f"{peak}) in {time.time() - t0:.1f}s", file=sys.stderr)
         if lora_dir is not None:
             load_lora(model, lora_dir, ckpt_dir, dtype)
@@ -1080,7 +1216,7 @@ class Llama:
 def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_seq_len: int = 2048,
                max_batch_size: int = 1, device: torch.device = torch.device("cpu"),
                dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None,
-               group_size: int = INT4_GROUP_SIZE) -> tuple[Transformer, Tokenizer]:
+               group_size: int = INT4_GROUP_SIZE, tp: Optional[TensorParallel] = None) -> tuple[Transformer, Tokenizer]:
     """The model and tokenizer of a Meta checkpoint directory (params.json + consolidated.NN.pth), a Hugging
     Face one (config.json + safetensors) or a training checkpoint of train (step_NNNNNN), built on the meta
     device and loaded strictly, each weight moved to device once. max_seq_len / max_batch_size size the RoPE
@@ -1088,11 +1224,14 @@ def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_s
     dtype: the weights' dtype on device; None keeps the checkpoint's own (convert does). Llama.build and
     the commands choose it with pick_dtype (bfloat16 on a GPU that has it, else float32); train uses its
     master dtype. The weights are read tensor by tensor (CheckpointWeights), quantized as they are read with
-    quantize="int8" or "int4" (see quantize_linears), after a check that they fit the GPU (check_memory)."""
+    quantize="int8" or "int4" (see quantize_linears), after a check that they fit the GPU (check_memory).
+    tp: tensor parallelism, this rank's share of the model only, read from its slices of the files."""
     args, sd, tokenizer = read_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size)
-    model = meta_model(args, quantize, group_size, device)
-    check_memory(model, device, dtype, str(ckpt_dir), group_size)
-    load_weights(model, sd, str(ckpt_dir), device, dtype)
+    if tp is not None:
+        tp.check(args, ckpt_dir, quantize, group_size)
+    model = meta_model(args, quantize, group_size, device, tp=tp)
+    check_memory(model, device, dtype, str(ckpt_dir), group_size, tp=tp)
+    load_weights(model, sd, str(ckpt_dir), device, dtype, tp)
     return model, tokenizer
 
 
@@ -1122,11 +1261,18 @@ def read_checkpoint(ckpt_dir: str | Path, tokenizer_path: Optional[str], max_seq
 
 
 def meta_model(args: ModelArgs, quantize: Optional[str], group_size: int, device: torch.device,
-               quantize_output: bool = True) -> Transformer:
-    """The model built on the meta device (no memory), its linears quantized for device if asked."""
+               quantize_output: bool = True, tp: Optional[TensorParallel] = None) -> Transformer:
+    """The model built on the meta device (no memory), its linears quantized for device if asked; with tp,
+    this rank's share of it, with its collectives."""
     with torch.device("meta"):
         model = Transformer(args)
-    return quantize_linears(model, quantize, group_size, device, quantize_output) if quantize else model
+    if tp is not None:
+        tp.shard(model)
+    if quantize:
+        quantize_linears(model, quantize, group_size, device, quantize_output)
+    if tp is not None:
+        tp.add_collectives(model)
+    return model
 
 
 def model_bytes(model: Transformer, dtype: torch.dtype) -> int:
@@ -1137,21 +1283,21 @@ def model_bytes(model: Transformer, dtype: torch.dtype) -> int:
 
 
 def check_memory(model: Transformer, device: torch.device, dtype: Optional[torch.dtype], source: str,
-                 group_size: int, free: Optional[int] = None):
+                 group_size: int, free: Optional[int] = None, tp: Optional[TensorParallel] = None):
     """Refuse, before reading any weight, a model (on the meta device) whose weights and KV cache do not fit
     the GPU's free memory (free bytes: the device's own by default), instead of running out of it minutes
-    into loading."""
+    into loading. Tensor-parallel (tp), this rank's share and GPU."""
     if device.type != "cuda":
         return
     args, dtype = model.params, dtype or torch.bfloat16
-    kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * args.n_kv_heads * args.head_dim * (
-        dtype.itemsize)
+    kv_heads = model.layers[0].attention.n_kv_heads  # this rank's, tensor-parallel
+    kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_heads * args.head_dim * dtype.itemsize
     need = model_bytes(model, dtype) + kv_cache
     if free is None:  # the device's free memory and what this process holds cached but unused
         free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(
             device)
     if need > free:
-        options = {q: model_bytes(meta_model(args, q, group_size, device), dtype) for q in QUANTIZE_CHOICES}
+        options = {q: model_bytes(meta_model(args, q, group_size, device, tp=tp), dtype) for q in QUANTIZE_CHOICES}
         raise ValueError(
             f"{source} needs {need / 2 ** 30:.1f} GiB of GPU memory (weights and a KV cache of "
             f"{args.max_batch_size} x {args.max_seq_len} tokens), but {device} has {free / 2 ** 30:.1f} GiB free; "
@@ -1281,11 +1427,13 @@ def non_finite_keys(sd: dict) -> list:
     return [k for k, v in sd.items() if not torch.isfinite(v).all()]
 
 
-def load_weights(model: Transformer, sd: Mapping, source: str, device: torch.device, dtype: Optional[torch.dtype]):
+def load_weights(model: Transformer, sd: Mapping, source: str, device: torch.device, dtype: Optional[torch.dtype],
+                 tp: Optional[TensorParallel] = None):
     """Load sd (Meta's names: a dict, or CheckpointWeights read tensor by tensor) strictly into a model built
     on the meta device, moving each tensor to device/dtype once (dtype None keeps the checkpoint's own, for
     convert). The quantized linears of a model made by quantize_linears get their float weights one matrix
-    at a time, quantized on the device: the float model is never whole in memory."""
+    at a time, quantized on the device: the float model is never whole in memory. Tensor-parallel (tp), the
+    model is this rank's share and each weight is read as this rank's slice: no rank reads the whole model."""
     if not isinstance(sd, CheckpointWeights):
         sd = CheckpointWeights.from_dict(sd)
     tie = model.params.tie_word_embeddings
@@ -1308,8 +1456,9 @@ def load_weights(model: Transformer, sd: Mapping, source: str, device: torch.dev
         if not (isinstance(dtype_k, torch.dtype) and dtype_k.is_floating_point):
             raise ValueError(f"{source}: {k} has dtype {dtype_k}; weights must be floating point")
 
-    def get(k, dtype):  # one float weight, read from disk now, on the device
-        t = sd[name_in_sd(k)]
+    def get(k, dtype):  # one float weight (or this rank's slice of it), read from disk now, on the device
+        name = name_in_sd(k)
+        t = sd[name] if tp is None else sd.read(name, tp.split_dim(name, model.params), tp.rank, tp.world)
         return t.to(device=device, dtype=dtype or t.dtype)
     state = {}
     for name, module in model.named_modules():
@@ -2943,7 +3092,7 @@ def stream_printer(tokenizer: Tokenizer):
         ids.append(t)
         text = tokenizer.decode(ids)
         if not text.endswith("\ufffd"):
-            print(text[printed:], end="", flush=True)
+            print0(text[printed:], end="", flush=True)
             printed = len(text)
     return on_token
 
@@ -2971,16 +3120,16 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
     device = llama.model.tok_embeddings.weight.device
     rng = torch.Generator(device=device).manual_seed(seed)
     if prompt is not None:
-        print(prompt, end="", flush=True)
+        print0(prompt, end="", flush=True)
         tokens = [llama.tokenizer.encode(str(prompt), bos=True, eos=False)]
         llama.generate(tokens, max_gen_len, temperature, top_p, sample_rng=rng,
                        on_token=stream_printer(llama.tokenizer))
-        print()
+        print0()
         return
     results = llama.text_completion(EXAMPLE_PROMPTS[:max_batch_size], rng, temperature=temperature, top_p=top_p,
                                     max_gen_len=max_gen_len, echo=echo)
     for p, r in zip(EXAMPLE_PROMPTS, results):
-        print(f"{p}\033[1m{r['generation']}\033[0m\n" + "-" * 60)
+        print0(f"{p}\033[1m{r['generation']}\033[0m\n" + "-" * 60)
 
 
 def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
@@ -2996,23 +3145,36 @@ def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[s
     rng = torch.Generator(device=llama.model.tok_embeddings.weight.device).manual_seed(seed)
     dialog = [{"role": "system", "content": system}] if system else []
     while True:
-        try:
-            user = input("user> ")
-        except EOFError:
-            break
-        if not user.strip():
+        user = read_line("user> ")
+        if user is None or not user.strip():
             break
         dialog.append({"role": "user", "content": user})
-        print("assistant> ", end="", flush=True)
+        print0("assistant> ", end="", flush=True)
         try:
             out = llama.chat_completion([dialog], rng, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
                                         on_token=stream_printer(llama.tokenizer))
         except ValueError as e:  # the conversation outgrew max_seq_len: say so, keep talking
-            print(f"\n({e})")
+            print0(f"\n({e})")
             dialog.pop()
             continue
-        print()
+        print0()
         dialog.append(out[0]["generation"])
+
+
+def read_line(prompt: str) -> Optional[str]:
+    """A line of input (None at its end), read by rank 0 alone and sent to the other ranks under tensor
+    parallelism, so that every rank generates from the same dialog."""
+    line = None
+    if int(os.environ.get("RANK", 0)) == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            pass
+    if dist.is_initialized():
+        box = [line]
+        dist.broadcast_object_list(box, src=0)
+        line = box[0]
+    return line
 
 
 def eval_checkpoint(ckpt_dir: str, data: str = "data/val_*.bin", batch_size: int = 4, seq_len: int = 1024,
@@ -3024,6 +3186,9 @@ def eval_checkpoint(ckpt_dir: str, data: str = "data/val_*.bin", batch_size: int
     a quantized model (--quantize) or a finetuned one with its origin. The model runs as sample runs it."""
     for flag, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
         check_number(f"--{flag} {value!r}", value, lambda v: v >= 1, "an integer >= 1", integer=True)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # its loss needs the whole output layer on one rank
+        raise ValueError("eval runs in one process, not under torchrun (tensor parallelism is for sample and chat); "
+                         "--quantize int8 fits Llama 3.1 70B on one H200")
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=seq_len, max_batch_size=batch_size, device=device,
                         dtype=dtype, quantize=quantize, group_size=group_size)
     model = llama.model

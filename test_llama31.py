@@ -3066,16 +3066,25 @@ def test_cli_sample_streams_a_completion(tiny_ckpt, llama):
     assert r.stdout == "Hello" + expected + "\n"
 
 
-def test_cli_chat_multi_turn(tiny_ckpt, llama):
-    r = run_cli("chat", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "64", "--max_gen_len", "4",
-                "--temperature", "0", "--system", "Be brief.", "--device", "cpu", input="Hi\nAnd then?\n")
-    assert r.returncode == 0, r.stderr
+CHAT_FLAGS = ["--max_seq_len", "64", "--max_gen_len", "4", "--temperature", "0", "--system", "Be brief.",
+              "--device", "cpu"]
+CHAT_INPUT = "Hi\nAnd then?\n"
+
+
+def chat_transcript(llama) -> str:
+    """What `chat CHAT_FLAGS` prints for CHAT_INPUT, from the model itself."""
     first = llama.chat_completion([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]],
                                   temperature=0, max_gen_len=4)[0]["generation"]
     second = llama.chat_completion([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                      first, {"role": "user", "content": "And then?"}]],
                                    temperature=0, max_gen_len=4)[0]["generation"]
-    assert r.stdout == f"user> assistant> {first['content']}\nuser> assistant> {second['content']}\nuser> "
+    return f"user> assistant> {first['content']}\nuser> assistant> {second['content']}\nuser> "
+
+
+def test_cli_chat_multi_turn(tiny_ckpt, llama):
+    r = run_cli("chat", "--ckpt_dir", str(tiny_ckpt), *CHAT_FLAGS, input=CHAT_INPUT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == chat_transcript(llama)
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -3444,3 +3453,284 @@ def test_gpu_quantized_compiled_greedy_equals_eager_and_cpu(quant_ckpts, quantiz
     ours, ref = eager.model(tokens.cuda()).cpu(), built(quant_ckpts["meta"], quantize).model(tokens)
     # int4 on the GPU computes in bf16 (the kernel's only dtype): bf16 against float32, as for the bf16 model
     assert ((ours - ref).norm() / ref.norm()).item() < (2e-2 if quantize == "int4" else 1e-5)
+
+
+# -----------------------------------------------------------------------------
+# tensor parallelism: 2 processes (torchrun, gloo on the CPU) give one process's logits and tokens, from Meta's
+# files cut 1, 2 or 4 ways and from Hugging Face's, in float and quantized
+
+
+def run_main(argv: list, stdin: str) -> tuple:
+    """llama31.main() on argv (the command line, in this process), reading stdin: (exit code, stdout, stderr)."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv, sys.stdin = ["llama31.py", *map(str, argv)], io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            llama31.main()
+    except SystemExit as e:
+        code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+TP_PROMPTS = [[BOS, 9906, 1917, 11], [BOS, 791]]
+TP_SAMPLE_FLAGS = ["--prompt", "Hello", "--max_seq_len", "64", "--max_gen_len", "8", "--temperature", "0",
+                   "--device", "cpu"]
+TP_QUANT = {**TINY, "multiple_of": 128}  # SwiGLU width 256: a rank's 128 columns of w2 are whole int4 groups
+
+
+def tp_worker(out_dir: str, device: str, compile: str, *ckpts: str):
+    """Run as `torchrun --nproc_per_node 2 test_llama31.py OUT DEVICE COMPILE NAME=CKPT_DIR ...` (the end of this
+    file): each checkpoint loaded tensor-parallel (the first also with the output layer replicated; one named
+    quant, in int8 and int4), and what it gives saved to OUT/rank{RANK}.pt under (name, quantize,
+    vocab_parallel): whole-sequence logits, logits through the KV cache (prefill, then the decode step, compiled
+    if COMPILE is 1), greedy tokens, the quantized weights of wo, w2 and the output layer; top-p tokens of the
+    first. With a checkpoint named one_kv_head, also what sample and chat print (stdin only on rank 0) and the
+    errors of sample on one_kv_head, of int4 groups that do not fit a rank's columns, and of eval."""
+    tok = Tokenizer(default_tokenizer_path())
+    llama31.Tokenizer = lambda path: tok  # read once, not per checkpoint (the cached_tokenizer fixture's trick)
+    rank = int(os.environ["RANK"])
+    tokens = random_tokens(2, 12, seed=3).to(device)
+    dirs = dict(arg.split("=", 1) for arg in ckpts)
+    first, *others = [name for name in dirs if name not in ("quant", "one_kv_head")]
+    runs = [(first, None, True), (first, None, False), *((name, None, True) for name in others)]
+    runs += [("quant", q, True) for q in ("int8", "int4") if "quant" in dirs]
+    results = {}
+    for name, quantize, vocab_parallel in runs:
+        if vocab_parallel:
+            llama = llama31.Llama.build(dirs[name], max_seq_len=SEQ, max_batch_size=BATCH, device=device,
+                                        dtype="float32", compile=compile == "1", quantize=quantize, group_size=GROUP)
+        else:  # the other choice for the output layer, which only bench.py offers
+            tp, dev = llama31.start_tensor_parallel(torch.device(device))
+            tp.vocab_parallel = False
+            model, _ = llama31.load_model(dirs[name], None, SEQ, BATCH, dev, torch.float32, tp=tp)
+            model.eval().fuse_weights()
+            llama = llama31.Llama(model, tok, compile=compile == "1")
+        model = llama.model
+        with torch.inference_mode():
+            whole = model(tokens)
+            model.setup_caches(2, SEQ)
+            kv_heads = model.layers[0].attention.cache.cache_k.shape[1]
+            cached = [llama31.prefill(model, tokens[:, :6], torch.arange(6, device=device))]
+            # (cloned: a compiled step's output lives in its CUDA graph's memory, which the next step overwrites)
+            cached += [llama.decode(model, tokens[:, p: p + 1], torch.tensor([p], device=device)).clone()
+                       for p in range(6, 12)]
+            if not llama.compiled:  # as generate does: a compiled decode keeps its cache (and its CUDA graph)
+                model.clear_caches()
+        results[(name, quantize, vocab_parallel)] = dict(
+            whole=whole.cpu(), cached=torch.stack(cached, 1).cpu(), kv_heads=kv_heads,
+            greedy=llama.generate(TP_PROMPTS, max_gen_len=12, temperature=0),
+            quantized={k: v.cpu() for k, v in model.state_dict().items() if quantize and k.startswith(
+                ("layers.0.attention.wo.", "layers.0.feed_forward.w2.", "output."))})
+        if name == first and vocab_parallel:  # top-p once: sorting the vocabulary every step is slow on the CPU
+            results["sampled"] = llama.generate(TP_PROMPTS, max_gen_len=12, temperature=1.0, top_p=0.9,
+                                                sample_rng=torch.Generator(device=device).manual_seed(7))
+    if "one_kv_head" in dirs:
+        results["sample"] = run_main(["sample", "--ckpt_dir", dirs[first], *TP_SAMPLE_FLAGS], "")
+        results["chat"] = run_main(["chat", "--ckpt_dir", dirs[first], *CHAT_FLAGS], CHAT_INPUT if rank == 0 else "")
+        results["bad_n"] = run_main(["sample", "--ckpt_dir", dirs["one_kv_head"], *TP_SAMPLE_FLAGS], "")
+        results["bad_group"] = run_main(["sample", "--ckpt_dir", dirs[first], *TP_SAMPLE_FLAGS, "--quantize", "int4",
+                                         "--group_size", GROUP], "")
+        results["eval"] = run_main(["eval", "--ckpt_dir", dirs[first], "--data", "no_such_*.bin"], "")
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+def run_tp_worker(out_dir: Path, device: str, compile: bool, ckpts: dict, timeout: float) -> list:
+    """tp_worker over 2 processes on ckpts (name -> directory): each rank's results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(HERE / "test_llama31.py"), str(out_dir), device, str(int(compile)),
+                        *(f"{name}={path}" for name, path in ckpts.items())],
+                       cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def tp_ckpts(tmp_path_factory, tiny_sd, tiny_ckpt) -> dict:
+    """The tiny checkpoint as 1, 2 and 4 model-parallel files and as Hugging Face's safetensors; a tiny model with
+    tied embeddings (the output layer stays whole under tensor parallelism), one to quantize, one with a single
+    kv head."""
+    d = tmp_path_factory.mktemp("tp")
+    ckpts = {"mp1": tiny_ckpt, **{f"mp{n}": write_meta_checkpoint(d / f"mp{n}", TINY, tiny_sd, n) for n in (2, 4)}}
+    llama31.convert(str(tiny_ckpt), str(d / "hf"), to="hf")
+    ckpts["hf"] = d / "hf"
+    tied = {**TINY, "tie_word_embeddings": True}
+    ckpts["tied"] = write_meta_checkpoint(d / "tied", tied, random_state_dict(tied, seed=1))
+    ckpts["quant"] = write_meta_checkpoint(d / "quant", TP_QUANT, unit_gain_state_dict(TP_QUANT), n_files=2)
+    # one kv head cannot be split over 2 processes; refused from params.json, before the weights are read
+    ckpts["one_kv_head"] = write_ckpt(d / "one_kv_head", {**TINY, "n_kv_heads": 1}, tiny_ckpt / "consolidated.00.pth")
+    return ckpts
+
+
+@pytest.fixture(scope="module")
+def tp_cpu(tp_ckpts, tmp_path_factory) -> list:
+    return run_tp_worker(tmp_path_factory.mktemp("tp_out"), "cpu", False, tp_ckpts, 300)
+
+
+def float_runs(results: dict) -> dict:
+    return {k: v for k, v in results.items() if isinstance(k, tuple) and k[0] not in ("tied", "quant")}
+
+
+# One process sums each output of wo (K = 64 terms) and w2 (K = 224) in one dot product; 2 processes sum K/2 terms
+# each and the all-reduce adds the two halves, and each rank's smaller matrices may take other BLAS blockings:
+# the same float32 products, summed in another order. A reordered float32 sum of K terms moves by at most
+# 2 (K - 1) 2^-24 sum|x_i w_i| (Higham's bound for recursive summation), about 7e-5 for the output layer's dot
+# products here (K = 64, sum|h_i w_i| ~ 10), and typically sqrt(K) times less, since rounding errors have random
+# signs. It is the same kind of difference as between this file's model and Meta's (other matmul blockings,
+# fused matrices, SDPA), which TOL = 1e-4 bounds on these logits; measured here: 7e-6.
+def test_tensor_parallel_logits_equal_one_process_and_every_rank_sees_the_same(tp_cpu, llama):
+    tokens = random_tokens(2, 12, seed=3)
+    with torch.inference_mode():
+        want = llama.model(tokens)
+    for key, out in float_runs(tp_cpu[0]).items():
+        assert (out["whole"] - want).abs().max().item() < TOL, key
+        assert (out["cached"] - want[:, 5:]).abs().max().item() < TOL, key  # prefill's last position, then steps
+        # the same bytes on both ranks: so the same seeded generator draws the same token on each
+        assert all(torch.equal(out[k], tp_cpu[1][key][k]) for k in ("whole", "cached")), key
+        assert out["kv_heads"] == TINY["n_kv_heads"] // 2  # the KV cache holds this rank's kv heads only
+
+
+def test_tensor_parallel_greedy_tokens_equal_one_process(tp_cpu, llama):
+    want = llama.generate(TP_PROMPTS, max_gen_len=12, temperature=0)
+    for key, out in float_runs(tp_cpu[0]).items():
+        assert out["greedy"] == want, key
+    # every rank draws the same tokens from the same seed (their logits are the same bytes)
+    assert tp_cpu[0]["sampled"] == tp_cpu[1]["sampled"] != want
+
+
+def test_tensor_parallel_reads_1_2_4_model_parallel_files_and_safetensors_as_one_model(tp_cpu):
+    """Each rank reads its slices from wherever they lie (half a file, one file, two files; sliced safetensors
+    reads, q and k permuted back head by head): the same weights, so the same logits to the bit."""
+    ref = tp_cpu[0][("mp1", None, True)]
+    for name in ("mp2", "mp4", "hf"):
+        out = tp_cpu[0][(name, None, True)]
+        assert torch.equal(out["whole"], ref["whole"]) and torch.equal(out["cached"], ref["cached"]), name
+    # the output layer replicated instead of split over the vocabulary: the same logits within float32 rounding
+    replicated = tp_cpu[0][("mp1", None, False)]
+    assert (replicated["whole"] - ref["whole"]).abs().max().item() < TOL
+    assert replicated["greedy"] == ref["greedy"]
+
+
+def test_tensor_parallel_tied_output_layer(tp_cpu, tp_ckpts):
+    one = llama31.Llama.build(str(tp_ckpts["tied"]), max_seq_len=SEQ, max_batch_size=BATCH, device="cpu")
+    with torch.inference_mode():
+        want = one.model(random_tokens(2, 12, seed=3))
+    out = tp_cpu[0][("tied", None, True)]
+    assert (out["whole"] - want).abs().max().item() < TOL
+    assert out["greedy"] == one.generate(TP_PROMPTS, max_gen_len=12, temperature=0)
+    # each rank computes all the logits from the all-reduced hidden states, which are the same on both
+    assert torch.equal(out["whole"], tp_cpu[1][("tied", None, True)]["whole"])
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_tensor_parallel_quantizes_each_rank_s_slices_as_one_process_quantizes_the_whole(tp_cpu, tp_ckpts, quantize):
+    """Each rank quantizes its slices to the integers and scales of one process's quantized model: the output
+    layer's rows and their scales; wo's and w2's columns, with int8's scale of the whole row (the ranks' maxima
+    all-reduced) and int4's whole groups. So the logits are one process's within float32 rounding (TOL, as above:
+    the same products summed in another order) and the greedy tokens equal."""
+    one = built(tp_ckpts["quant"], quantize)
+    want = one.model.state_dict()
+    split = {"weight": 1, "scales": None, "scales_and_zeros": 0}  # of wo and w2: each rank's columns of every row
+    for rank in range(2):
+        got = tp_cpu[rank][("quant", quantize, True)]["quantized"]
+        assert len(got) == 6
+        for k, v in got.items():
+            dim = 0 if k.startswith("output.") else split[k.rpartition(".")[2]]
+            assert torch.equal(v, want[k] if dim is None else want[k].chunk(2, dim)[rank]), (rank, k)
+    with torch.inference_mode():
+        logits = one.model(random_tokens(2, 12, seed=3))
+    out = tp_cpu[0][("quant", quantize, True)]
+    assert (out["whole"] - logits).abs().max().item() < TOL
+    assert torch.equal(out["whole"], tp_cpu[1][("quant", quantize, True)]["whole"])
+    assert out["greedy"] == one.generate(TP_PROMPTS, max_gen_len=12, temperature=0)
+
+
+def test_tensor_parallel_sample_and_chat_print_once_what_one_process_prints(tp_cpu, llama):
+    """Rank 0 alone prints and streams, and reads the user's lines, which it sends to rank 1."""
+    completion = llama.text_completion(["Hello"], temperature=0, max_gen_len=8)[0]["generation"]
+    assert tp_cpu[0]["sample"][:2] == (0, "Hello" + completion + "\n")
+    assert "on each of 2 tensor-parallel processes" in tp_cpu[0]["sample"][2]
+    assert tp_cpu[0]["chat"][:2] == (0, chat_transcript(llama))
+    assert tp_cpu[1]["sample"][:2] == tp_cpu[1]["chat"][:2] == (0, "")
+
+
+def test_tensor_parallel_that_does_not_fit_the_model_is_a_one_line_error(tp_cpu, tp_ckpts):
+    for rank in range(2):
+        for case, message in (
+                ("bad_n", f"tensor parallelism over N=2 processes (torchrun --nproc_per_node 2) cannot split "
+                          f"{tp_ckpts['one_kv_head']}: N must divide n_kv_heads=1 (and the SwiGLU width 224); "
+                          "choose N from [1]"),
+                ("bad_group", "--group_size 32 does not divide the 32 and 112 inputs of wo and w2 that each of N=2 "
+                              "processes holds: int4's groups run along the inputs, and a rank's columns must be "
+                              "whole groups; use --quantize int8 or another N"),
+                ("eval", "eval runs in one process, not under torchrun (tensor parallelism is for sample and chat); "
+                         "--quantize int8 fits Llama 3.1 70B on one H200")):
+            code, out, err = tp_cpu[rank][case]
+            assert code == 2 and out == "" and "Traceback" not in err, err
+            assert err.strip().splitlines()[-1] == f"llama31: error: {message}"
+
+
+@pytest.mark.parametrize("vocab_parallel", [True, False])
+def test_tensor_parallel_shares_and_the_bytes_bench_counts(vocab_parallel):
+    """Each of N ranks holds 1/N of every linear layer of a block (and of the output layer, or all of it), the
+    whole embedding and norms; bench.py's roofline counts the bytes one step reads on a rank: not the
+    embedding. 70B in bf16, which one 80 GB card cannot hold, fits two in shares of 69.5 GB."""
+    import bench
+    args = llama31.preset("llama3.1-70b", max_seq_len=512, max_batch_size=1)
+    gpu = torch.device("cuda")  # meta models only: no GPU needed
+    tp = llama31.TensorParallel(rank=1, world=2, vocab_parallel=vocab_parallel)
+    one = llama31.meta_model(args, None, 64, gpu).to(torch.bfloat16)
+    two = llama31.meta_model(args, None, 64, gpu, tp=tp).to(torch.bfloat16)
+    norms = 2 * (2 * args.n_layers + 1) * args.dim
+    output = 2 * args.vocab_size * args.dim
+    blocks = bench.weight_bytes_read(one) - output - norms
+    assert bench.weight_bytes_read(two) == blocks // 2 + norms + (output // 2 if vocab_parallel else output)
+    assert bench.weight_bytes_read(two) / 1e9 == pytest.approx(69.5 if vocab_parallel else 70.6, abs=0.05)
+    assert two.tok_embeddings.weight.shape == one.tok_embeddings.weight.shape
+    attn = two.layers[0].attention
+    assert (attn.n_heads, attn.n_kv_heads, attn.wk.weight.shape, attn.wo.weight.shape) == (32, 4, (512, 8192),
+                                                                                           (8192, 4096))
+    free = 79 * 2 ** 30
+    llama31.check_memory(two, gpu, torch.bfloat16, "Llama3.1-70B", 64, free, tp)
+    with pytest.raises(ValueError, match="needs 131.6 GiB of GPU memory"):
+        llama31.check_memory(one, gpu, torch.bfloat16, "Llama3.1-70B", 64, free)
+    # quantized: the same shares, each linear with its scales (int4's groups of wo and w2 split with them)
+    for quantize in llama31.QUANTIZE_CHOICES:
+        one_q = llama31.meta_model(args, quantize, 64, gpu).to(torch.bfloat16)
+        two_q = llama31.meta_model(args, quantize, 64, gpu, tp=tp).to(torch.bfloat16)
+        out_q = args.vocab_size * (args.dim + 2)  # int8 and a bf16 scale per row
+        int8_row_scales = 4 * args.n_layers * args.dim if quantize == "int8" else 0  # wo's, w2's: whole on each
+        blocks_q = bench.weight_bytes_read(one_q) - out_q - norms - int8_row_scales
+        assert bench.weight_bytes_read(two_q) == (blocks_q // 2 + norms + int8_row_scales
+                                                  + (out_q // 2 if vocab_parallel else out_q)), quantize
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_tensor_parallel_compiled_decode_on_two_gpus(tp_ckpts, llama, tmp_path):
+    """--compile over 2 GPUs: the decode step is one CUDA graph with the all-reduces and the logits' all-gather
+    (NCCL) inside it. In float32 its logits are one CPU process's within TOL (the same reordered sums as above),
+    the same bytes on both GPUs, and its greedy tokens equal, with the output layer split or replicated.
+    Quantized, its logits are those of one CPU process within the bounds of the quantization GPU test (int4
+    computes in bf16 there), and both GPUs agree."""
+    gpu = run_tp_worker(tmp_path, "cuda", True, {"mp2": tp_ckpts["mp2"], "quant": tp_ckpts["quant"]}, 600)
+    tokens = random_tokens(2, 12, seed=3)
+    with torch.inference_mode():
+        want = llama.model(tokens)
+    greedy = llama.generate(TP_PROMPTS, max_gen_len=12, temperature=0)
+    for key in (("mp2", None, True), ("mp2", None, False)):
+        out = gpu[0][key]
+        assert (out["cached"] - want[:, 5:]).abs().max().item() < TOL, key  # through the compiled decode step
+        assert (out["whole"] - want).abs().max().item() < TOL, key
+        assert torch.equal(out["cached"], gpu[1][key]["cached"]), key
+        assert out["greedy"] == gpu[1][key]["greedy"] == greedy, key
+    assert gpu[0]["sampled"] == gpu[1]["sampled"]
+    for quantize, rel in (("int8", 1e-5), ("int4", 2e-2)):
+        out = gpu[0][("quant", quantize, True)]
+        with torch.inference_mode():
+            ref = built(tp_ckpts["quant"], quantize).model(tokens)
+        assert ((out["cached"] - ref[:, 5:]).norm() / ref[:, 5:].norm()).item() < rel, quantize
+        assert torch.equal(out["cached"], gpu[1][("quant", quantize, True)]["cached"]), quantize
+
+
+if __name__ == "__main__":  # a worker of the tensor-parallel tests, under torchrun
+    tp_worker(*sys.argv[1:])
