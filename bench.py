@@ -8,6 +8,7 @@ a preset shape, so no checkpoint is needed.
     torchrun --nproc_per_node 2 bench.py decode --model llama3.1-70b --quantize bf16   # tensor-parallel, 2 GPUs
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
+    python bench.py train --model llama3.1-8b --batch_size 2 --lora_rank 8 [--quantize int4]   # LoRA, QLoRA
     python bench.py checkpoint --model llama3.2-3b # the pause a training checkpoint costs, its size and write time
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
@@ -219,18 +220,47 @@ def hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
     return rows
 
 
+def random_frozen_base(args: llama31.ModelArgs, device, quantize: bool) -> llama31.Transformer:
+    """A frozen bf16 base of random weights, built on the meta device and materialised one block at a time on
+    device; with quantize, each block's linear layers go to 4 bits before the next block is made, so a bf16
+    70B model never exists."""
+    with torch.device("meta"):
+        net = llama31.Transformer(args)
+    net.to(dtype=torch.bfloat16).requires_grad_(False)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def materialise(module):
+        module.to_empty(device=device)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(1.0) if p.ndim == 1 else p.normal_(0, 0.02, generator=g)
+    for layer in net.layers:
+        materialise(layer)
+        if quantize:
+            llama31.quantize_block(layer, device)
+    for module in (net.tok_embeddings, net.norm, net.output):
+        materialise(module)
+    if args.tie_word_embeddings:
+        net.output.weight = net.tok_embeddings.weight
+    net.reset_rope()
+    return net
+
+
 def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, steps: int = 10,
           compile: bool = True, activation_checkpointing: bool = False, peak_flops: float = llama31.PEAK_FLOPS,
-          doc_len: int = 0):
+          doc_len: int = 0, lora_rank: int = 0, quantize: str = ""):
     """Time training steps on random tokens: float32 master weights, bf16 matmuls, fused AdamW.
     --doc_len N packs documents of N tokens into each row (a BOS every N tokens), so attention runs
     with document masking (flex attention on a GPU); 0: one document per row. One GPU:
     bf16 autocast. Under torchrun with several GPUs: FSDP2 (llama31.shard_model), built on the meta device
-    and materialised shard by shard, so no GPU ever holds the whole float32 model."""
+    and materialised shard by shard, so no GPU ever holds the whole float32 model.
+    --lora_rank R: LoRA instead, the base frozen in bf16 and float32 adapters of rank R (alpha 2R) on every
+    linear layer of the blocks; with --quantize int4 (one GPU): QLoRA, the blocks' linear layers in 4 bits.
+    MFU then counts 4 FLOPs per frozen parameter (no weight gradients)."""
     world, device = start_gpus()
     _, mm = measure_card(device)
     args, net, opt, step = training(model, batch_size, seq_len, compile, activation_checkpointing, doc_len, device,
-                                    world)
+                                    world, lora_rank=lora_rank, quantize=quantize)
     B, T = batch_size, seq_len
     t0 = time.time()
     step()
@@ -239,15 +269,19 @@ def train(model: str = "llama3.2-1b", batch_size: int = 4, seq_len: int = 2048, 
     torch.cuda.reset_peak_memory_stats()
     dt = cuda_time(step, steps)
     tps = B * T / dt  # per GPU
-    mfu = llama31.flops_per_token(args, T) * tps / peak_flops
+    flops = llama31.flops_per_token(args, T, frozen=bool(lora_rank))
+    mfu = flops * tps / peak_flops
+    method = "fp32 master + bf16 compute"
+    if lora_rank:
+        method = f"{'QLoRA (int4 base)' if quantize else 'LoRA (bf16 base)'} rank {lora_rank}, fp32 adapters"
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, fp32 master + bf16 compute"
+        print(f"\n{model} training on {world} GPU(s), B={B} T={T} per GPU, {method}"
               f"{', FSDP2' if world > 1 else ''}{', activation checkpointing' if activation_checkpointing else ''}, "
               f"{'compiled' if compile else 'eager'}{f', documents of {doc_len} tokens' if doc_len else ''}, "
               f"{torch.cuda.get_device_name()} "
               f"(measured bf16 matmul {mm / 1e12:.0f} TFLOP/s)")
         print(f"warm-up {warmup:.1f}s | {dt * 1000:.1f} ms/step | {tps:,.0f} tok/s per GPU | MFU {100 * mfu:.1f}% of "
-              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * llama31.flops_per_token(args, T) * tps / mm:.1f}% of measured)"
+              f"{peak_flops / 1e12:.0f} TFLOP/s ({100 * flops * tps / mm:.1f}% of measured)"
               f" | peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB", flush=True)
     if world > 1:
         dist.destroy_process_group()
@@ -266,24 +300,34 @@ def start_gpus() -> tuple[int, torch.device]:
 
 
 def training(model: str, batch_size: int, seq_len: int, compile: bool, activation_checkpointing: bool, doc_len: int,
-             device: torch.device, world: int):
+             device: torch.device, world: int, lora_rank: int = 0, quantize: str = ""):
     """(args, model, AdamW, step()) of a preset-shaped model with random weights training on random tokens,
-    as train's loop runs it (one GPU: bf16 autocast; several: FSDP2)."""
+    as train's loop runs it (one GPU: bf16 autocast; several: FSDP2); lora_rank, quantize: as for `train`."""
+    if quantize not in ("", "int4") or (quantize and not lora_rank):
+        raise ValueError(f"--quantize {quantize!r}: only int4, and only with --lora_rank (QLoRA)")
     args = llama31.preset(model, max_seq_len=seq_len)
-    with torch.device("meta"):
-        net = llama31.Transformer(args)
+    lora = llama31.LoRAArgs(lora_rank, 2.0 * lora_rank, 0.0, tuple(llama31.LORA_TARGETS)) if lora_rank else None
+    if lora is not None and world == 1:
+        net = random_frozen_base(args, device, quantize == "int4")
+        llama31.add_lora(net, lora, torch.Generator(device=device).manual_seed(1))
+    else:
+        with torch.device("meta"):
+            net = llama31.Transformer(args)
+        if lora is not None:  # FSDP2: a bf16 base sharded with the float32 adapters
+            llama31.add_lora(net.to(dtype=torch.bfloat16), lora)
     net.checkpoint_activations = activation_checkpointing
     if world > 1:
         step_fn = llama31.shard_model(net, torch.bfloat16, compile)
         autocast = contextlib.nullcontext()  # FSDP's policy casts to bf16
     else:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    net.to_empty(device=device)
-    if args.tie_word_embeddings and world == 1:
-        net.output.weight = net.tok_embeddings.weight
-    torch.manual_seed(0)  # a script: the global RNG also seeds FSDP's sharded random init
-    net.init_weights()
-    net.reset_rope()
+    if lora is None or world > 1:
+        net.to_empty(device=device)
+        if args.tie_word_embeddings and world == 1:
+            net.output.weight = net.tok_embeddings.weight
+        torch.manual_seed(0)  # a script: the global RNG also seeds FSDP's sharded random init
+        net.init_weights()
+        net.reset_rope()
     if world == 1:
         step_fn = torch.compile(net) if compile else net
     opt = llama31.configure_optimizer(net, 1e-4, 0.1, device)
@@ -304,7 +348,8 @@ def training(model: str, batch_size: int, seq_len: int, compile: bool, activatio
 
 
 def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2048, out_dir: str = "bench_ckpt",
-               compile: bool = True, activation_checkpointing: bool = False, export: bool = True, max_steps: int = 400):
+               compile: bool = True, activation_checkpointing: bool = False, export: bool = True, max_steps: int = 400,
+               lora_rank: int = 0):
     """What a training checkpoint costs a run, with train's own Checkpointer: training steps (as `train` times
     them) with two asynchronous saves (the GPU default; the first also allocates the pinned host buffers the
     later ones reuse) and a blocking one (train --async_save False) for comparison, each after 4 more steps
@@ -313,10 +358,15 @@ def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2
     the write's duration and the checkpoint's size on disk; with --export, how long rank 0 takes to export the
     last one to Meta's bf16 format (what --export_every does in the background). Each checkpoint is removed
     once measured: an 8B one takes 96 GB. The stall of a save = its pause + the excess of the steps during
-    its write."""
+    its write. --lora_rank R: a LoRA run's checkpoints (adapters and their AdamW state; no export)."""
     world, device = start_gpus()
     rank = int(os.environ.get("RANK", 0))
-    _, net, opt, step = training(model, batch_size, seq_len, compile, activation_checkpointing, 0, device, world)
+    _, net, opt, step = training(model, batch_size, seq_len, compile, activation_checkpointing, 0, device, world,
+                                 lora_rank=lora_rank)
+    adapter = None
+    if lora_rank:  # as train --lora_rank writes it; random weights have no base to name
+        lora = llama31.LoRAArgs(lora_rank, 2.0 * lora_rank, 0.0, tuple(llama31.LORA_TARGETS))
+        adapter, export = llama31.adapter_config(lora, "random weights", "none"), False
     out = Path(out_dir)
     if rank == 0:
         shutil.rmtree(out, ignore_errors=True)
@@ -337,7 +387,7 @@ def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2
                 timed_step()
             n = len(times)
             t0 = time.time()
-            checkpointer.save(n, net, opt, 0, 0, default_tokenizer_path(), blocking=blocking)
+            checkpointer.save(n, net, opt, 0, 0, default_tokenizer_path(), blocking=blocking, adapter=adapter)
             pause = time.time() - t0
             written = []  # when this rank's part of the save is on disk (rank 0: and renamed into place)
             if blocking:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import math
 import mmap
@@ -43,7 +44,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -377,10 +378,13 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(a) * b)  # SwiGLU
 
 
-def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+def fuse_linears(*linears: nn.Linear) -> Optional[torch.Tensor]:
     """The weights of linears that read the same input, stacked into one (sum of out_features, in_features)
     matrix; each linear's weight becomes a frozen view of its rows, so memory and the state dict (Meta's
-    names) stay as they were. For generation only: the views must not be trained."""
+    names) stay as they were. For generation only: the views must not be trained. None (nothing fused)
+    when one of them carries a LoRA adapter, which must see the input on its own."""
+    if any(isinstance(m, LoRALinear) for m in linears):
+        return None
     fused = torch.cat([m.weight.detach() for m in linears])
     for m, w in zip(linears, fused.split([m.out_features for m in linears])):
         m.weight = nn.Parameter(w, requires_grad=False)
@@ -424,10 +428,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of logits = h @ weight.T against targets, `chunk` rows at a time, so the
     (N, vocab_size) logits never exist whole (in float32 they would be 4 GiB for 8192 tokens of Llama 3).
     The gradients are made in the forward pass, chunk by chunk, from softmax - one_hot (all that the
-    backward of cross-entropy needs): nothing is recomputed and no chunk is kept for the backward."""
+    backward of cross-entropy needs): nothing is recomputed and no chunk is kept for the backward.
+    need_weight_grad=False (a frozen output layer, LoRA) skips the weight's (vocab_size, dim) gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_grad: bool):
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk: int, need_grad: bool,
+                need_weight_grad: bool = True):
         # h (N, dim) in the compute dtype, weight (vocab_size, dim), targets (N,). Written without in-place
         # updates: inductor (CUDA) lost the gradients that were filled in place here.
         losses, grad_h, grad_weight = [], [], None
@@ -443,7 +449,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = g.scatter_add(1, tc[:, None], torch.full((len(tc), 1), -1.0, dtype=g.dtype, device=g.device))
                 g = (g * valid[:, None]).to(hc.dtype)
                 grad_h.append(g @ weight.to(hc.dtype))
-                grad_weight = (g.t() @ hc).float() + (0 if grad_weight is None else grad_weight)
+                if need_weight_grad:
+                    grad_weight = (g.t() @ hc).float() + (0 if grad_weight is None else grad_weight)
         loss = torch.stack(losses).sum()
         grad_h = torch.cat(grad_h) if need_grad else None
         ctx.save_for_backward(grad_h, grad_weight)
@@ -453,7 +460,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_weight = ctx.saved_tensors
-        return grad_h * grad_loss, (grad_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None
+        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_h * grad_loss, grad_weight, None, None, None, None, None
 
 
 class Transformer(nn.Module):
@@ -523,8 +531,13 @@ class Transformer(nn.Module):
         if torch.is_autocast_enabled(h.device.type):  # what autocast would do to self.output(h)
             dtype = torch.get_autocast_dtype(h.device.type)
             h, weight = h.to(dtype), weight.to(dtype)
-        loss = LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), ignore_index, 4096,
-                                        torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
+        need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+        # rows per chunk: its float32 logits 256 MiB (512 rows of Llama 3's vocabulary), of which about three
+        # live at once: 0.75 GiB, small beside even an 8B QLoRA run's 6 GiB of weights, and still a matmul
+        # of 512 x dim x vocab_size per chunk, large enough to keep a GPU busy
+        chunk = max(1, (256 << 20) // (4 * self.params.vocab_size))
+        loss = LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten(), ignore_index, chunk, need_grad,
+                                        need_grad and weight.requires_grad)
         # sum / count rather than mean, so a batch with no target at all (chat data) gives 0, not NaN
         return loss / (targets != ignore_index).sum().clamp(min=1)
 
@@ -679,14 +692,21 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight,
                                                    self.group_size, self.scales_and_zeros)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype))
+        # x W^T with W dequantized, also for QLoRA's training, which keeps no dequantized copy (see Int4Matmul)
+        return Int4Matmul.apply(x, self.weight, self.scales_and_zeros, self.group_size)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """The float weights (out_features, in_features): (q - 8) * scale + zero, computed in float32 (exact
-        but for the last bit of the sum) and rounded once to dtype, as the kernel rounds its bf16 fma."""
-        q = torch.stack([self.weight >> 4, self.weight & 15], dim=-1).view(self.out_features, self.in_features)
-        scales, zeros = self.scales_and_zeros.float().repeat_interleave(self.group_size, dim=0).unbind(-1)
-        return ((q.float() - 8) * scales.t() + zeros.t()).to(dtype)
+        return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, dtype)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """The float weights (out_features, in_features) of Int4Linear's weights two to a byte: (q - 8) * scale +
+    zero, computed in float32 (exact but for the last bit of the sum) and rounded once to dtype, as the kernel
+    rounds its bf16 fma."""
+    q = torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], packed.shape[1] * 2)
+    scales, zeros = scales_and_zeros.float().repeat_interleave(group_size, dim=0).unbind(-1)
+    return ((q.float() - 8) * scales.t() + zeros.t()).to(dtype)
 
 
 def quantize_linears(model: Transformer, quantize: str, group_size: int, device: torch.device,
@@ -840,6 +860,170 @@ def start_tensor_parallel(device: torch.device) -> tuple[Optional[TensorParallel
 
 
 # -----------------------------------------------------------------------------
+# LoRA: low-rank adapters on the frozen linear layers of the blocks
+
+# the linear layers an adapter can sit on, and the sub-module of a block that holds each
+LORA_TARGETS = {"wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
+                "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward"}
+
+
+@dataclass
+class LoRAArgs:
+    """The shape of a run's adapters, as adapter.json records it (train's --lora_* flags)."""
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # fire passes `--lora_targets wq` as a string, `wq,wv` as a tuple
+            self.targets = tuple(t for t in self.targets.split(",") if t)
+        self.targets = tuple(self.targets)
+
+    def check(self):
+        check_number(f"--lora_rank {self.rank!r}", self.rank, lambda v: v >= 1,
+                     "a positive integer (8 or 16 are usual)", integer=True)
+        check_number(f"--lora_alpha {self.alpha!r}", self.alpha, lambda v: 0 < v < math.inf,
+                     "a number above 0 (the update is scaled by alpha / rank; 16 is usual)")
+        check_number(f"--lora_dropout {self.dropout!r}", self.dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"--lora_targets {','.join(map(str, self.targets))!r} must name each of some of "
+                             f"{','.join(LORA_TARGETS)} once (unknown: {unknown})")
+        return self
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update, as in Hu et al. (2021) and torchtune's
+    LoRALinear: y = x W^T + (alpha / rank) * dropout(x) A^T B^T, with A (rank, in) and B (out, rank) in
+    float32. The frozen weight keeps its place and name (`layers.0.attention.wq.weight`), so a Meta
+    checkpoint loads into it unchanged; the adapters add `...wq.lora_a.weight` and `...wq.lora_b.weight`."""
+
+    def __init__(self, base, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # QLoRA: the frozen weight in 4 bits (`wq.quantized.weight`, ...); else the weight under Meta's name
+        self.quantized = base if isinstance(base, Int4Linear) else None
+        if self.quantized is None:
+            self.weight = base.weight.requires_grad_(False)
+        device = base.weight.device
+        self.lora_a = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_b = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p=0 would still cost a mask
+        self.scale = alpha / rank
+
+    def reset_parameters(self, generator: Optional[torch.Generator] = None):
+        """A as torchtune and peft draw it (kaiming-uniform, nn.Linear's own init), B zero: until the first
+        update the adapter adds exactly 0, and the model computes what the base does."""
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_b.weight)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+        return y + self.scale * self.lora_b(self.lora_a(self.dropout(x)))
+
+    def merged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W + (alpha / rank) B A, computed in float32 and cast once, to dtype. (A QLoRA run's adapters are
+        merged into the bf16 base they were trained from: `merge` reads that from its files.)"""
+        delta = self.lora_b.weight.float() @ self.lora_a.weight.float()  # (out, in)
+        return (self.weight.float() + self.scale * delta).to(dtype)
+
+
+def lora_linears(model: Transformer) -> dict[str, LoRALinear]:
+    """The adapted linears by their module name (`layers.0.attention.wq`)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(model: Transformer, lora: LoRAArgs, generator: Optional[torch.Generator] = None) -> Transformer:
+    """Freeze every weight of the model and put an adapter on each target linear of every block (in place).
+    Only the adapters are trainable; at step 0 the model's output is exactly the base's."""
+    lora.check()
+    model.requires_grad_(False)
+    for layer in model.layers:
+        for name in lora.targets:
+            parent = getattr(layer, LORA_TARGETS[name])
+            adapted = LoRALinear(getattr(parent, name), lora.rank, lora.alpha, lora.dropout)
+            adapted.reset_parameters(generator)
+            setattr(parent, name, adapted)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: Transformer, dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Fold every adapter into its weight (W + (alpha / rank) B A in float32, cast to dtype, default the
+    weight's own) and put plain linears back: the model is a base Transformer again (in place)."""
+    for name, m in lora_linears(model).items():
+        parent_name, child = name.rsplit(".", 1)
+        linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(m.merged_weight(dtype or m.weight.dtype), requires_grad=False)
+        setattr(model.get_submodule(parent_name), child, linear)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# QLoRA: the frozen base in 4 bits, dequantized in the forward and the backward pass
+#
+# A training step multiplies by W (the forward pass) and by W^T (the backward pass, for the input's gradient),
+# for thousands of tokens at a time: the weights are dequantized to bf16 for the ordinary matmul, one linear
+# layer at a time, rather than read by an int4 kernel made for one-token decoding.
+
+class Int4Matmul(torch.autograd.Function):
+    """x W^T for an Int4Linear's weights two to a byte (W dequantized in the forward and again in the
+    backward): between the two only the 4-bit weight is kept, never a bf16 copy (for 70B, 140 GB). W is
+    frozen: no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, packed, scales_and_zeros, group_size: int):
+        ctx.save_for_backward(packed, scales_and_zeros)
+        ctx.group_size = group_size
+        return F.linear(x, dequantize_int4(packed, scales_and_zeros, group_size, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        packed, scales_and_zeros = ctx.saved_tensors
+        return grad_y @ dequantize_int4(packed, scales_and_zeros, ctx.group_size, grad_y.dtype), None, None, None
+
+
+def int4_linears(layer: TransformerBlock, group_size: int) -> dict[str, Int4Linear]:
+    """Replace each linear layer of a block (in place) by an empty Int4Linear on the meta device, alone (not
+    fused as for generation: an adapter may sit on any) and two to a byte (the layout Int4Matmul reads)."""
+    int4 = {}
+    for name, module in LORA_TARGETS.items():
+        parent, linear = getattr(layer, module), getattr(getattr(layer, module), name)
+        with torch.device("meta"):
+            int4[name] = Int4Linear(linear.in_features, linear.out_features, (name,), group_size, tiled=False)
+        setattr(parent, name, int4[name])
+    return int4
+
+
+@torch.no_grad()
+def quantize_block(layer: TransformerBlock, device: torch.device, group_size: int = INT4_GROUP_SIZE):
+    """Quantize the linear layers of a block with weights (in place) onto device, one weight at a time."""
+    weights = {name: getattr(getattr(layer, module), name).weight for name, module in LORA_TARGETS.items()}
+    for name, int4 in int4_linears(layer, group_size).items():
+        int4.load_state_dict(int4.quantize(weights.pop(name).to(device)), assign=True)
+
+
+def load_qlora_base(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_batch_size: int,
+                    device: torch.device, dtype: torch.dtype,
+                    group_size: int) -> tuple[Transformer, Tokenizer, str]:
+    """QLoRA's frozen base: the blocks' linear layers quantized to int4 as they are read (load_weights, one
+    matrix at a time: neither the device nor the host holds the float model whole), the rest (embedding,
+    norms, output layer) in dtype. Also the base's fingerprint, taken from its files."""
+    args, sd, tokenizer = read_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size)
+    fingerprint = base_fingerprint(args, sd)
+    with torch.device("meta"):
+        model = Transformer(args)
+    for layer in model.layers:
+        int4_linears(layer, group_size)
+    load_weights(model, sd, str(ckpt_dir), device, dtype)
+    bad = non_finite_keys(model.state_dict())
+    if bad:
+        raise ValueError(f"{ckpt_dir} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
+    return model.requires_grad_(False), tokenizer, fingerprint
+
+
+# -----------------------------------------------------------------------------
 # generation: prefill, decode step, sampling, text and chat completion
 
 TEMPERATURE, TOP_P = 0.6, 0.9  # the sampling defaults of Meta's example scripts
@@ -894,15 +1078,24 @@ class Llama:
     @staticmethod
     def build(ckpt_dir: str, tokenizer_path: Optional[str] = None, max_seq_len: int = 512, max_batch_size: int = 4,
               device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False,
-              quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE) -> "Llama":
+              quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE,
+              lora_dir: Optional[str] = None) -> "Llama":
         """Load a Meta checkpoint directory (params.json + consolidated.NN.pth), a Hugging Face one
         (config.json + safetensors) or a training checkpoint of train (step_NNNNNN: DCP's .metadata and
         shards). device: cuda, then mps, then cpu by default; dtype: bfloat16 on a GPU that supports it, else
         float32. quantize: "int8" or "int4" (groups of group_size) weights, quantized tensor by tensor as they
         are read (see quantize_linears). Under torchrun with N processes, tensor-parallel: each process reads
-        and runs its share of the model (see TensorParallel), on the GPU of its LOCAL_RANK."""
+        and runs its share of the model (see TensorParallel), on the GPU of its LOCAL_RANK. lora_dir: the
+        adapters of a LoRA run on this base (its step_NNNNNN), kept apart from its (unquantized) weights;
+        `merge` folds them in."""
         check_quantize(quantize, group_size)
+        if quantize is not None and lora_dir is not None:
+            raise ValueError("--lora_dir runs adapters on the base's own weights, not on --quantize'd ones; merge "
+                             "them into the base first (llama31.py merge), then quantize that")
         tp, device = start_tensor_parallel(pick_device(device))
+        if tp is not None and lora_dir is not None:
+            raise ValueError("--lora_dir runs whole adapters in one process, not on a tensor-parallel share of the "
+                             "base; under torchrun, merge them into the base first (llama31.py merge)")
         dtype = pick_dtype(dtype, device)
         t0 = time.time()
         model, tokenizer = load_model(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len,
@@ -913,9 +1106,11 @@ class Llama:
         share = f" on each of {tp.world} tensor-parallel processes" if tp else ""
         print0(f"loaded {ckpt_dir} ({model_bytes(model, dtype) / 2 ** 30:.2f} GiB{share}, {weights}{dtype}, {device}"
                f"{peak}) in {time.time() - t0:.1f}s", file=sys.stderr)
+        if lora_dir is not None:
+            load_lora(model, lora_dir, ckpt_dir, dtype)
         model.eval()
         if quantize is None:
-            model.fuse_weights()  # (quantized linears are fused as they are made)
+            model.fuse_weights()  # (quantized linears are fused as they are made; adapted ones never)
         return Llama(model, tokenizer, compile=compile)
 
     def check_sampling(self, temperature: float, top_p: float):
@@ -1031,12 +1226,27 @@ def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_s
     master dtype. The weights are read tensor by tensor (CheckpointWeights), quantized as they are read with
     quantize="int8" or "int4" (see quantize_linears), after a check that they fit the GPU (check_memory).
     tp: tensor parallelism, this rank's share of the model only, read from its slices of the files."""
+    args, sd, tokenizer = read_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size)
+    if tp is not None:
+        tp.check(args, ckpt_dir, quantize, group_size)
+    model = meta_model(args, quantize, group_size, device, tp=tp)
+    check_memory(model, device, dtype, str(ckpt_dir), group_size, tp=tp)
+    load_weights(model, sd, str(ckpt_dir), device, dtype, tp)
+    return model, tokenizer
+
+
+def read_checkpoint(ckpt_dir: str | Path, tokenizer_path: Optional[str], max_seq_len: int,
+                    max_batch_size: int) -> tuple[ModelArgs, "CheckpointWeights", Tokenizer]:
+    """The model arguments, the weights (not yet read) and the tokenizer of a checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist (or is not a directory)")
     if not any(ckpt_dir.iterdir()):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} is empty: expected params.json and "
                                 "consolidated.00.pth (Meta) or config.json and *.safetensors (Hugging Face)")
+    if (ckpt_dir / "adapter.json").exists():
+        raise ValueError(f"{ckpt_dir} holds LoRA adapters, not a model: pass it as --lora_dir, with the base it "
+                         "was trained on as --ckpt_dir")
     runtime = dict(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
     is_hf = (ckpt_dir / "config.json").exists()
     if is_training_checkpoint(ckpt_dir):  # a step_NNNNNN directory of train: its weights (the rest is --resume's)
@@ -1047,12 +1257,7 @@ def load_model(ckpt_dir: str | Path, tokenizer_path: Optional[str] = None, max_s
     if args.vocab_size != tokenizer.n_words:
         raise ValueError(f"{ckpt_dir} has vocab_size={args.vocab_size} but the tokenizer has {tokenizer.n_words} "
                          "tokens; pass the checkpoint's own --tokenizer_path")
-    if tp is not None:
-        tp.check(args, ckpt_dir, quantize, group_size)
-    model = meta_model(args, quantize, group_size, device, tp=tp)
-    check_memory(model, device, dtype, str(ckpt_dir), group_size, tp=tp)
-    load_weights(model, sd, str(ckpt_dir), device, dtype, tp)
-    return model, tokenizer
+    return args, sd, tokenizer
 
 
 def meta_model(args: ModelArgs, quantize: Optional[str], group_size: int, device: torch.device,
@@ -1506,14 +1711,18 @@ def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optiona
     """Convert a checkpoint directory: Meta to Hugging Face (--to hf: config.json + model.safetensors, for
     transformers or vLLM) or Hugging Face to Meta (--to meta: params.json + consolidated.00.pth +
     tokenizer.model). Weights keep their dtype. The output directory appears whole or not at all."""
-    from safetensors.torch import save_file
     if to not in ("hf", "meta"):
         raise ValueError(f"--to {to!r} must be hf or meta")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     model, _ = load_model(ckpt_dir, tokenizer_path)  # on the CPU, in the checkpoint's dtype
-    if to == "meta":
-        save_checkpoint(model, out_dir, resolve_tokenizer_path(ckpt_dir, tokenizer_path))
-        return
+    save = save_checkpoint if to == "meta" else save_hf_checkpoint
+    save(model, out_dir, resolve_tokenizer_path(ckpt_dir, tokenizer_path))
+
+
+def save_hf_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path):
+    """Write config.json + model.safetensors (+ tokenizer.model) that transformers' LlamaForCausalLM loads,
+    atomically like save_checkpoint."""
+    from safetensors.torch import save_file
     hf = {}
     for k, v in model.state_dict().items():
         if k == "output.weight" and model.params.tie_word_embeddings:
@@ -1525,7 +1734,7 @@ def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optiona
         "config.json": lambda p: p.write_text(json.dumps(hf_config(model.params, model.output.weight.dtype),
                                                            indent=2)),
         "model.safetensors": lambda p: save_file(hf, p, metadata={"format": "pt"}),
-        "tokenizer.model": lambda p: shutil.copyfile(resolve_tokenizer_path(ckpt_dir, tokenizer_path), p)})
+        "tokenizer.model": lambda p: shutil.copyfile(tokenizer_path, p)})
 
 
 # -----------------------------------------------------------------------------
@@ -1541,6 +1750,9 @@ def convert(ckpt_dir: str, out_dir: str, to: str = "hf", tokenizer_path: Optiona
 #   train.*      the step and the data position (a shard, and where in it the next step starts)
 # Any number of processes can load it: each reads the chunks that overlap what it holds (DCP reshards).
 # It is not one file to hand around: `export` streams its weights into a Meta or Hugging Face checkpoint.
+# A LoRA run's step directory is the same but for model.*, which holds only the adapters (`...wq.lora_a.weight`,
+# float32), and optimizer.*, only theirs; adapter.json (the LoRAArgs, the base's path and fingerprint) stands
+# in for params.json and tokenizer.model: megabytes, where the base is gigabytes (see "LoRA adapters on disk").
 
 DCP_METADATA = ".metadata"  # its presence is what marks a training checkpoint directory
 
@@ -1633,12 +1845,20 @@ def non_finite_anywhere(weights: dict, group: Optional[dist.ProcessGroup]) -> Op
     return bad if count else None
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0, shard: int = 0,
-                   position: int = 0) -> dict:
-    """What a training checkpoint holds, as DCP saves it and loads into it in place (see above). Under FSDP
-    the weights and moments are DTensors, of which each rank holds and writes its own shards."""
+def trained_weights(model: nn.Module, adapters_only: bool = False) -> dict:
+    """The model's state dict (FSDP: this rank's DTensor shards), or with adapters_only a LoRA run's adapters
+    alone: the frozen base, whether bf16 weights or QLoRA's int4 buffers, is --ckpt_dir's and never saved."""
     weights = get_model_state_dict(model)
-    if model.params.tie_word_embeddings:
+    return {k: v for k, v in weights.items() if ".lora_" in k} if adapters_only else weights
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int = 0, shard: int = 0,
+                   position: int = 0, adapters_only: bool = False) -> dict:
+    """What a training checkpoint holds, as DCP saves it and loads into it in place (see above). Under FSDP
+    the weights and moments are DTensors, of which each rank holds and writes its own shards.
+    adapters_only: a LoRA run's (the adapters; AdamW holds nothing else)."""
+    weights = trained_weights(model, adapters_only)
+    if model.params.tie_word_embeddings and not adapters_only:
         del weights["output.weight"]  # the embedding again; load ties it back
     moments = get_optimizer_state_dict(model, optimizer)["state"]  # makes AdamW's state if no step was taken yet
     return {"model": weights, "optimizer": moments,
@@ -1646,17 +1866,20 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int
 
 
 def load_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             group: Optional[dist.ProcessGroup] = None) -> dict:
+                             group: Optional[dist.ProcessGroup] = None, adapters_only: bool = False) -> dict:
     """Load a training checkpoint saved by any number of processes into this rank's model and optimizer (FSDP:
-    its shards). Returns the train state: step, shard, position."""
-    state = training_state(model, optimizer)
-    with dcp_errors(ckpt_dir):
+    its shards); adapters_only: a LoRA run's, into the adapters. Returns the train state: step, shard,
+    position."""
+    state = training_state(model, optimizer, adapters_only=adapters_only)
+    with dcp_errors(ckpt_dir):  # (DCP fails on any tensor of state that the checkpoint lacks)
         dcp.load(state, storage_reader=CheckpointReader(ckpt_dir), planner=TensorsOnlyLoadPlanner(),
                  process_group=group)
     weights = state["model"]
-    if model.params.tie_word_embeddings:
+    if model.params.tie_word_embeddings and not adapters_only:
         weights["output.weight"] = weights["tok_embeddings.weight"]
-    set_model_state_dict(model, weights)
+    # adapters_only: the base is not in weights (it came from --ckpt_dir), so not strict; DCP has found every
+    # adapter of this model in the checkpoint
+    set_model_state_dict(model, weights, options=StateDictOptions(strict=not adapters_only))
     param_groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
     set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"], "param_groups": param_groups})
     return {k: int(v) for k, v in state["train"].items()}
@@ -1718,14 +1941,19 @@ class Checkpointer:
         self.pending: Optional[Future] = None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, shard: int, position: int,
-             tokenizer_path: Path, export_to: Optional[Path] = None, blocking: bool = False):
+             tokenizer_path: Path, export_to: Optional[Path] = None, blocking: bool = False,
+             adapter: Optional[dict] = None):
         """Save step's checkpoint (all ranks call this); with export_to, rank 0 then exports it there (Meta
-        format, bf16). Asynchronous unless blocking or async_save is off."""
+        format, bf16). Asynchronous unless blocking or async_save is off. adapter: a LoRA run's adapter.json;
+        the checkpoint then holds the adapters alone, and adapter.json instead of params.json and
+        tokenizer.model (a LoRA checkpoint has no export: `merge` makes the model)."""
+        if adapter is not None and export_to is not None:
+            raise ValueError("a LoRA checkpoint holds adapters, not a model to export: merge it into its base")
         self.wait()  # one save at a time: its host buffers and the gloo group are in use until it is done
         path = self.out_dir / f"step_{step:06d}"
         if path.exists():  # every rank sees it (DCP needs a file system all ranks share), so all stop here
             raise FileExistsError(f"{path} already exists; a checkpoint is never overwritten")
-        state = training_state(model, optimizer, step, shard, position)
+        state = training_state(model, optimizer, step, shard, position, adapters_only=adapter is not None)
         bad = non_finite_anywhere(state["model"], self.group)
         if bad is not None:  # a checkpoint is what a run falls back to: never let one hold NaN or inf
             raise FloatingPointError(f"not saving {path}: the weights {bad[:4] or '(of another rank)'} hold "
@@ -1734,9 +1962,12 @@ class Checkpointer:
         try:
             if self.rank == 0:
                 tmp.mkdir(exist_ok=True)
-                atomic_write(tmp / "params.json", lambda p: p.write_text(json.dumps(model.params.to_params(),
-                                                                                    indent=2)))
-                atomic_write(tmp / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
+                if adapter is not None:
+                    atomic_write(tmp / "adapter.json", lambda p: p.write_text(json.dumps(adapter, indent=2)))
+                else:
+                    atomic_write(tmp / "params.json", lambda p: p.write_text(json.dumps(model.params.to_params(),
+                                                                                        indent=2)))
+                    atomic_write(tmp / "tokenizer.model", lambda p: shutil.copyfile(tokenizer_path, p))
             if self.executor is not None and not blocking:
                 with dcp_errors(tmp):
                     written = dcp.async_save(state, checkpoint_id=tmp, storage_writer=self.writer,
@@ -1798,6 +2029,9 @@ def read_training_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, Chec
     process). Shapes and dtypes come from DCP's metadata, checked first against the model params.json
     describes. Llama.build, convert, train --ckpt_dir and export read a training checkpoint so."""
     ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "adapter.json").exists():
+        raise ValueError(f"{ckpt_dir} holds LoRA adapters, not a model: merge them into the base they were "
+                         f"trained on (llama31.py merge --ckpt_dir BASE --lora_dir {ckpt_dir} --out_dir D)")
     if not is_training_checkpoint(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is not a training checkpoint (it has no {DCP_METADATA}): export "
                                 "reads the step_NNNNNN directories that train writes; convert reads Meta and "
@@ -1918,6 +2152,156 @@ def export(ckpt_dir: str, out_dir: str, to: str = "meta", dtype: str = "bfloat16
                  "model.safetensors": lambda p: save_safetensors_streamed(p, layout, hf_weight, {"format": "pt"})}
     files["tokenizer.model"] = lambda p: shutil.copyfile(tokenizer, p)
     write_dir_atomically(out_dir, files)
+
+
+# -----------------------------------------------------------------------------
+# LoRA adapters on disk: a LoRA run's step_NNNNNN is a training checkpoint as above whose model.* holds only the
+# adapters and optimizer.* only their AdamW state, with adapter.json (the LoRAArgs, and the path and fingerprint
+# of the base they were trained on) in place of params.json and tokenizer.model: megabytes, not the base's
+# gigabytes. `merge`, sample/chat --lora_dir and --resume read it with the base of --ckpt_dir.
+
+
+def base_fingerprint(args: ModelArgs, weights: Mapping) -> str:
+    """A short hash that tells one base model from another: its shape and the first 16 values of the first
+    row of every weight (Meta's names), rounded to bf16, so the same base read from Meta's or Hugging Face's
+    files, as bf16 or float32, hashes the same. weights: a base model's state dict (before any adapter,
+    sharding or quantization), or a checkpoint's CheckpointWeights, of which only those rows are read."""
+    shape = dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+                 vocab_size=args.vocab_size, hidden_dim=args.hidden_dim, tie=args.tie_word_embeddings)
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
+    if not isinstance(weights, CheckpointWeights):
+        weights = CheckpointWeights.from_dict(weights)
+    for name in sorted(weights):
+        if name == "output.weight" and args.tie_word_embeddings:
+            continue  # the embedding (a tied checkpoint may or may not hold it twice)
+        first_row = weights.read(name, 0, 0, weights.shapes[name][0]).detach().flatten()[:16]
+        h.update(name.encode())
+        h.update(first_row.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def adapter_config(lora: LoRAArgs, base_path: str, fingerprint: str) -> dict:
+    """What adapter.json holds: the adapters' shape and the base they sit on."""
+    return {**dataclasses.asdict(lora), "targets": list(lora.targets), "base_path": base_path,
+            "base_fingerprint": fingerprint}
+
+
+def save_lora_checkpoint(out_dir: Path, lora: LoRAArgs, base: dict, adapters: dict):
+    """A step directory of adapters alone (adapter.json naming base, its base_path and base_fingerprint, and the
+    adapters as DCP shards) in the format train's LoRA checkpoints have, less AdamW's state and the data
+    position: what `merge` and --lora_dir read. It appears whole or not at all, never over an existing one."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; a checkpoint is never overwritten")
+    sd = {k: v.detach().cpu().contiguous() for k, v in adapters.items()}
+    bad = non_finite_keys(sd)
+    if bad:
+        raise FloatingPointError(f"not saving {out_dir}: the adapters {bad[:4]} hold non-finite values")
+    config = adapter_config(lora, base["base_path"], base["base_fingerprint"])
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        atomic_write(tmp / "adapter.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+        with dcp_errors(tmp):
+            dcp.save({"model": sd}, storage_writer=FileSystemWriter(tmp), no_dist=True)
+        publish_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter_config(lora_dir: Path) -> tuple[LoRAArgs, dict]:
+    """(the adapters' LoRAArgs, adapter.json) of a LoRA run's step directory."""
+    path = Path(lora_dir) / "adapter.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--lora_dir {lora_dir} holds no adapter.json, so no LoRA adapters (a run of "
+                                "train --lora_rank writes them into its step_NNNNNN directories)")
+    config = read_json(path)
+    keys = ("rank", "alpha", "dropout", "targets", "base_path", "base_fingerprint")
+    if not isinstance(config, dict) or any(k not in config for k in keys):
+        raise ValueError(f"{path} must be a JSON object with the keys {list(keys)}")
+    try:
+        lora = LoRAArgs(config["rank"], config["alpha"], config["dropout"], config["targets"]).check()
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return lora, config
+
+
+def check_lora_base(config: dict, fingerprint: str, lora_dir: Path, base_dir):
+    """Refuse adapters (adapter.json's config) trained on another base than base_dir, of that fingerprint."""
+    if config["base_fingerprint"] != fingerprint:
+        raise ValueError(f"--lora_dir {lora_dir} holds adapters trained on another base ({config['base_path']}, "
+                         f"fingerprint {config['base_fingerprint']}) than --ckpt_dir {base_dir} (fingerprint "
+                         f"{fingerprint}); pass the base they were trained on")
+
+
+def read_lora_checkpoint(lora_dir: Path) -> tuple[LoRAArgs, dict, dict]:
+    """(the adapters' LoRAArgs, adapter.json, the adapters: float32, whole, on the CPU) of a LoRA run's step
+    directory, saved by any number of processes; its AdamW state and data position (--resume's) are not read."""
+    lora_dir = Path(lora_dir)
+    lora, config = read_adapter_config(lora_dir)
+    if not is_training_checkpoint(lora_dir):
+        raise FileNotFoundError(f"--lora_dir {lora_dir} has adapter.json but no {DCP_METADATA}: not a checkpoint "
+                                "of train --lora_rank (whose adapters are DCP shards)")
+    reader = CheckpointReader(lora_dir)  # one reader: the metadata pickle is checked once
+    sd = {}
+    for key, md in reader.read_metadata().state_dict_metadata.items():
+        if key.startswith("model."):
+            if not isinstance(md, TensorStorageMetadata):
+                raise ValueError(f"{lora_dir}: {key} is not a tensor")
+            sd[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
+    with dcp_errors(lora_dir):
+        dcp.load({"model": sd}, storage_reader=reader, planner=TensorsOnlyLoadPlanner(allow_partial_load=True),
+                 no_dist=True)
+    return lora, config, sd
+
+
+@torch.no_grad()
+def load_lora(model: Transformer, lora_dir: Path, base_dir, dtype: torch.dtype = torch.float32) -> LoRAArgs:
+    """Put the adapters of lora_dir on a base model (in place, unmerged), after checking that they were
+    trained on this base. dtype: the adapters' (float32 to merge, the model's own to generate with)."""
+    lora, config, sd = read_lora_checkpoint(lora_dir)
+    bad = non_finite_keys(sd)
+    if bad:
+        raise ValueError(f"{lora_dir} holds non-finite adapters ({bad[:4]})")
+    check_lora_base(config, base_fingerprint(model.params, model.state_dict()), lora_dir, base_dir)
+    device = model.tok_embeddings.weight.device
+    add_lora(model, lora, torch.Generator(device))  # A's random init is overwritten below
+    expected = lora_state_dict(model)
+    if sd.keys() != expected.keys():
+        diff = sorted(set(sd) ^ set(expected))
+        raise ValueError(f"{lora_dir} does not hold the adapters its adapter.json describes: {diff[:4]}")
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{lora_dir}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}")
+        model.get_parameter(k).copy_(v)
+    for m in lora_linears(model).values():
+        m.lora_a.to(dtype)
+        m.lora_b.to(dtype)
+    return lora
+
+
+def merge(ckpt_dir: str, lora_dir: str, out_dir: str, to: str = "meta", dtype: Optional[str] = None,
+          tokenizer_path: Optional[str] = None):
+    """Fold the adapters of a LoRA run (--lora_dir out/run/step_N) into their base (--ckpt_dir): each adapted
+    weight becomes W + (alpha / rank) B A, computed in float32 and cast to --dtype (default: the base's own,
+    bf16 for Meta's downloads). Writes a full checkpoint in Meta's format (--to meta) or Hugging Face's
+    (--to hf) that Llama.build, Meta's code and transformers load; whole or not at all, never over an
+    existing --out_dir."""
+    if to not in ("hf", "meta"):
+        raise ValueError(f"--to {to!r} must be hf or meta")
+    dtype = pick_dtype(dtype, torch.device("cpu")) if dtype is not None else None
+    model, _ = load_model(ckpt_dir, tokenizer_path)  # on the CPU, in the checkpoint's dtype
+    load_lora(model, lora_dir, ckpt_dir)
+    merge_lora(model, dtype)
+    if dtype is not None:
+        model.to(dtype)  # the weights without adapters (embedding, norms, linears not targeted)
+    save = save_checkpoint if to == "meta" else save_hf_checkpoint
+    save(model, Path(out_dir), resolve_tokenizer_path(Path(ckpt_dir), tokenizer_path))
 
 
 # -----------------------------------------------------------------------------
@@ -2270,6 +2654,31 @@ def build_train_model(source: Optional[Path], preset_name: str, tokenizer_file: 
     return model, tokenizer
 
 
+def build_lora_model(ckpt_dir: str, lora: LoRAArgs, quantize: Optional[str], group_size: int,
+                     resume_from: Optional[Path], tokenizer_file: Path, seq_len: int, n_prompts: int,
+                     device: torch.device, on_device: bool, seed: int) -> tuple[Transformer, Tokenizer, dict]:
+    """A LoRA run's model: the base of ckpt_dir frozen (bf16 on a GPU, float32 on the CPU; --quantize int4:
+    load_qlora_base) with float32 adapters drawn from seed (resume_from: after a check that its adapters sit on
+    this base and have this shape; restore loads them). Also the adapter.json of every checkpoint of the run.
+    on_device=False leaves the base on the CPU for FSDP2, which moves each block to the GPU as it shards it."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quantize:
+        model, tokenizer, fingerprint = load_qlora_base(ckpt_dir, tokenizer_file, seq_len, n_prompts, device, dtype,
+                                                        group_size)
+    else:
+        model, tokenizer = build_train_model(Path(ckpt_dir), "", tokenizer_file, seq_len, n_prompts,
+                                             device if on_device else torch.device("cpu"), dtype, seed)
+        fingerprint = base_fingerprint(model.params, model.state_dict())
+    if resume_from is not None:
+        saved, config = read_adapter_config(resume_from)
+        check_lora_base(config, fingerprint, resume_from, ckpt_dir)
+        if saved != lora:
+            raise ValueError(f"--resume: {resume_from} holds adapters of {saved}, but the --lora_* flags ask for "
+                             f"{lora}; pass the flags it was trained with")
+    add_lora(model, lora, torch.Generator(model.tok_embeddings.weight.device).manual_seed(seed))
+    return model, tokenizer, adapter_config(lora, str(Path(ckpt_dir).resolve()), fingerprint)
+
+
 def configure_optimizer(model: nn.Module, learning_rate: float, weight_decay: float, device: torch.device):
     """AdamW with weight decay on the 2-D weights (matmuls, embedding) only, not on the norms;
     the fused kernel on a GPU."""
@@ -2404,11 +2813,12 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
 
 
 def restore(ckpt: Path, model: Transformer, optimizer, loader: DistributedShardedDataLoader,
-            group: Optional[dist.ProcessGroup]) -> int:
-    """The weights, AdamW's state and the data position from our training checkpoint ckpt, saved by any
-    number of processes (DCP hands each rank the chunks it holds now); returns the step to continue from."""
-    state = load_training_checkpoint(ckpt, model, optimizer, group)
-    bad = non_finite_anywhere(get_model_state_dict(model), group)
+            group: Optional[dist.ProcessGroup], adapters_only: bool = False) -> int:
+    """The weights (adapters_only: a LoRA run's adapters), AdamW's state and the data position from our
+    training checkpoint ckpt, saved by any number of processes (DCP hands each rank the chunks it holds now);
+    returns the step to continue from."""
+    state = load_training_checkpoint(ckpt, model, optimizer, group, adapters_only)
+    bad = non_finite_anywhere(trained_weights(model, adapters_only), group)
     if bad is not None:
         raise ValueError(f"{ckpt} holds non-finite weights ({bad[:4]}): training from it gives only NaN")
     loader.load_step_start(state["shard"], state["position"], str(ckpt))
@@ -2416,30 +2826,36 @@ def restore(ckpt: Path, model: Transformer, optimizer, loader: DistributedSharde
     return state["step"]  # the checkpoint of step s holds the weights after s updates
 
 
-def check_disk_space(out_dir: Path, model: Transformer):
-    """What a run writes at the least: a training checkpoint (the weights and AdamW's two moments, each in the
-    weights' dtype, so 12 bytes a parameter with float32 master weights, a tied embedding once; every rank's
-    shards land in out_dir) and the export at the end (2 bytes a parameter in bf16, and Meta's output.weight
-    even when tied; twice that while it is written, through a scratch file as large). Refuse a run without
-    room for both."""
+def check_disk_space(out_dir: Path, model: Transformer, export: bool = True):
+    """What a run writes at the least: a training checkpoint (the trained weights, all or a LoRA run's
+    adapters, and AdamW's two moments, each in the weights' dtype, so 12 bytes a parameter with float32 master
+    weights, a tied embedding once; every rank's shards land in out_dir) and, with export, the export at the
+    end (2 bytes a parameter in bf16, and Meta's output.weight even when tied; twice that while it is written,
+    through a scratch file as large). Refuse a run without room for both."""
     params = list(model.parameters())  # each shared parameter once; under FSDP whole (DTensor) sizes
-    checkpoint = sum(3 * p.numel() * p.element_size() for p in params)
-    exported = 2 * 2 * (sum(p.numel() for p in params)
-                        + model.params.tie_word_embeddings * model.output.weight.numel())
+    checkpoint = sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad)
+    exported = export * 2 * 2 * (sum(p.numel() for p in params)
+                                 + model.params.tie_word_embeddings * model.output.weight.numel())
     free = shutil.disk_usage(out_dir).free
     if free < checkpoint + exported:
         raise OSError(f"--out_dir {out_dir} has {free / 1e9:.2f} GB free, but a checkpoint of this model "
                       f"needs about {checkpoint / 1e9:.2f} GB and its export {exported / 1e9:.2f} GB while written")
 
 
-def flops_per_token(args: ModelArgs, T: int) -> float:
+def flops_per_token(args: ModelArgs, T: int, frozen: bool = False) -> float:
     """Training FLOPs per token, as nanoGPT counts them: 6 per parameter in the matmuls (2 forward, 4
     backward), plus attention's score and value matmuls, 6 * 2 * n_layers * T * dim (counted over the
-    full T x T square, as PaLM's MFU does, though the causal half is skipped by flash attention)."""
+    full T x T square, as PaLM's MFU does, though the causal half is skipped by flash attention).
+    frozen (LoRA): 4 per parameter, as a frozen weight gets no gradient (the adapters' few are not counted)."""
     n_matmul = args.n_layers * (args.dim * (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
                                 + args.n_heads * args.head_dim * args.dim + 3 * args.dim * args.hidden_dim)
     n_matmul += args.dim * args.vocab_size  # the output layer (the embedding lookup is no matmul)
-    return 6 * n_matmul + 12 * args.n_layers * T * args.dim
+    return (4 if frozen else 6) * n_matmul + 12 * args.n_layers * T * args.dim
+
+
+def dropout_seed(seed: int, step: int, rank: int) -> int:
+    """A 64-bit seed for one rank's dropout masks in one step, as unrelated to its neighbours' as a hash makes it."""
+    return int.from_bytes(hashlib.sha256(f"{seed} {step} {rank}".encode()).digest()[:8], "little")
 
 
 def log_json(path: Path, record: dict):
@@ -2453,11 +2869,12 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
                max_bad_steps: int, val_every: int, val_steps: int, sample_every: int, sample_prompts: tuple,
                sample_len: int, seed: int, save_every: int, export_every: int, checkpointer: Checkpointer,
                out_dir: Path, tokenizer: Tokenizer, tokenizer_file: Path, autocast_ctx, tokens_per_step: int,
-               peak_flops: float) -> list:
+               peak_flops: float, adapter: Optional[dict] = None) -> list:
     """Steps start_step .. max_steps - 1 of train (which describes the flags), with eval, samples,
-    checkpoints and exports between them; returns the losses of the steps taken."""
+    checkpoints and exports between them; returns the losses of the steps taken. adapter: a LoRA run's
+    adapter.json, which its checkpoints hold with the adapters (and no export)."""
     losses, bad_steps, on_gpu = [], 0, run.device.type == "cuda"
-    flops_per_tok = flops_per_token(model.params, batches.loader.T)
+    flops_per_tok = flops_per_token(model.params, batches.loader.T, frozen=adapter is not None)
     for step in range(start_step, max_steps + 1):
         last_step = step == max_steps
         # eval and samples at step 0 (where the run starts from), every N steps, and after the last update
@@ -2474,16 +2891,22 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         # an export is made from a checkpoint, so its steps are saved too; a signal saves without one, to exit
-        # within a scheduler's grace period (`llama31.py export` makes it later)
-        export_now = not stop and (last_step or export_every and step % export_every == 0)
-        if step > start_step and (save_every and step % save_every == 0 or export_now or stop):
+        # within a scheduler's grace period (`llama31.py export` makes it later). A LoRA run exports nothing:
+        # its adapters are merged into their base by `llama31.py merge`
+        export_now = adapter is None and not stop and (last_step or export_every and step % export_every == 0)
+        if step > start_step and (save_every and step % save_every == 0 or export_now or last_step or stop):
             checkpointer.save(step, model, optimizer, *batches.loader.step_start(batches.loader_state), tokenizer_file,
                               export_to=out_dir / f"export_{step:06d}" if export_now else None,
-                              blocking=last_step or stop)
+                              blocking=last_step or stop, adapter=adapter)
         if last_step or stop:
             break
 
         t0 = time.time()
+        if adapter is not None:
+            # LoRA's dropout masks come from a seed of (seed, step, rank), not from an RNG state carried along:
+            # a resumed run draws what the uninterrupted one drew (on any number of processes, what a run of
+            # that many draws), and a checkpoint needs no RNG state
+            torch.manual_seed(dropout_seed(seed, step, run.rank))
         lr = get_lr(step, max_steps, learning_rate, warmup_steps, min_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -2514,6 +2937,10 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
                                              "ms": dt * 1000, "tok_per_s": tok_per_s, "mfu": mfu})
     if stop:
         print0(f"stopped by a signal after saving step {step}; continue with --resume", file=sys.stderr)
+    elif adapter is not None:
+        print0(f"LoRA: {out_dir / f'step_{step:06d}'} holds the adapters (a LoRA run exports nothing); merge them "
+               f"into their base: llama31.py merge --ckpt_dir {adapter['base_path']} --lora_dir "
+               f"{out_dir / f'step_{step:06d}'} --out_dir DIR", file=sys.stderr)
     return losses
 
 
@@ -2527,7 +2954,9 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
           compile: bool = False, overfit_single_batch: bool = False, max_bad_steps: int = 5,
           peak_flops: float = PEAK_FLOPS, tokenizer_path: Optional[str] = None, fsdp: Optional[bool] = None,
           activation_checkpointing: bool = False, async_save: Optional[bool] = None, export_every: int = 0,
-          keep_last: Optional[int] = None) -> list:
+          keep_last: Optional[int] = None, lora_rank: Optional[int] = None, lora_alpha: float = 16.0,
+          lora_dropout: float = 0.0, lora_targets: tuple = tuple(LORA_TARGETS), quantize: Optional[str] = None,
+          group_size: int = INT4_GROUP_SIZE) -> list:
     """Finetune a Meta checkpoint (--ckpt_dir) or train a --model preset from scratch, on shards made by
     `prepare`. Under torchrun: DDP over NCCL (GPUs) or gloo (CPU). total_batch_size is in tokens
     (default: one micro-batch per rank); gradient accumulation makes up the rest. On a GPU the weights and
@@ -2540,19 +2969,39 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     each rank writes its own part, and --resume continues one on any number of processes. --async_save (on
     by default on GPUs) writes them in the background, pausing training only to copy them to host memory.
     --keep_last K keeps the K newest. out_dir/export_NNNNNN is the model alone in Meta's format in bf16,
-    written at the end and every --export_every steps. Returns the list of per-step training losses."""
+    written at the end and every --export_every steps.
+    --lora_rank R: LoRA instead of full finetuning: the base of --ckpt_dir frozen (bf16 on a GPU), float32
+    adapters of rank R scaled by --lora_alpha / R on the --lora_targets of every block, with --lora_dropout
+    on their input; only the adapters are trained and checkpointed (no export: `merge` folds a checkpoint's
+    adapters into the base). --quantize int4 with it: QLoRA, the frozen blocks in 4 bits (groups of
+    --group_size; one process). Returns the list of per-step training losses."""
     check_train_flags(batch_size=batch_size, seq_len=seq_len, max_steps=max_steps, val_steps=val_steps,
                       max_bad_steps=max_bad_steps, sample_len=sample_len, warmup_steps=warmup_steps,
                       val_every=val_every, sample_every=sample_every, save_every=save_every, seed=seed,
                       export_every=export_every, keep_last=keep_last,
                       learning_rate=learning_rate, min_lr_frac=min_lr_frac, weight_decay=weight_decay,
                       grad_clip=grad_clip, peak_flops=peak_flops)
+    lora = None if lora_rank is None else LoRAArgs(lora_rank, lora_alpha, lora_dropout, lora_targets).check()
+    if quantize not in (None, "int4") or (quantize and lora is None):
+        raise ValueError(f"--quantize {quantize!r}: only int4, with --lora_rank (QLoRA: a 4-bit base is trained "
+                         "through adapters)")
+    check_quantize(quantize, group_size)
+    if lora is not None and (ckpt_dir is None or pure_bf16):
+        raise ValueError("--lora_rank finetunes the base model of --ckpt_dir (without --pure_bf16: the base is "
+                         "bf16 already, the adapters and their AdamW state stay float32)")
+    if lora is not None and export_every:
+        raise ValueError(f"--export_every {export_every}: a LoRA run checkpoints its adapters only and exports "
+                         "nothing; merge a checkpoint into the base (llama31.py merge --ckpt_dir BASE --lora_dir "
+                         "out/run/step_N --out_dir D)")
     sample_prompts = (sample_prompts,) if isinstance(sample_prompts, str) else tuple(sample_prompts)
     B, T, out_dir = batch_size, seq_len, Path(out_dir)
     with distributed(device, fsdp) as run, Checkpointer(out_dir, async_save, keep_last, run.device) as checkpointer:
         if sample_every and run.strategy == "fsdp":
             raise ValueError("--sample_every needs the whole model in one process, which FSDP shards; sample "
                              "from a saved checkpoint with `llama31.py sample` instead")
+        if quantize and run.world > 1:
+            raise ValueError("--quantize int4 (QLoRA) runs in one process; on several GPUs use LoRA, whose bf16 "
+                             "base FSDP2 shards")
         tokens_per_micro_step = B * T * run.world
         total_batch_size = total_batch_size or tokens_per_micro_step
         if total_batch_size % tokens_per_micro_step:
@@ -2564,6 +3013,10 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
         resume_from = latest_checkpoint(out_dir) if resume else None
         if resume and resume_from is None:
             print0(f"--resume: no checkpoint in {out_dir} yet, starting from the beginning", file=sys.stderr)
+        if resume_from is not None and (resume_from / "adapter.json").exists() != (lora is not None):
+            raise ValueError(f"--resume: {resume_from} holds {'LoRA adapters' if lora is None else 'a whole model'}"
+                             f"; resume it {'with' if lora is None else 'without'} the --lora_* flags it was "
+                             "trained with")
 
         # the model: float32 master weights; on a GPU the matmuls run in bf16, by autocast or by FSDP's policy
         master_dtype = torch.bfloat16 if pure_bf16 else torch.float32
@@ -2571,9 +3024,16 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
         use_autocast = on_gpu and not pure_bf16 and run.strategy != "fsdp"
         autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         source = resume_from or ckpt_dir
-        tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
-        raw_model, tokenizer = build_train_model(source, model, tokenizer_file, T, len(sample_prompts), run.device,
-                                                 master_dtype, seed, resuming=resume_from is not None)
+        adapter = None
+        if lora is None:
+            tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
+            raw_model, tokenizer = build_train_model(source, model, tokenizer_file, T, len(sample_prompts),
+                                                     run.device, master_dtype, seed, resuming=resume_from is not None)
+        else:  # the model and tokenizer from --ckpt_dir, whose base the adapters of resume_from sit on
+            tokenizer_file = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
+            raw_model, tokenizer, adapter = build_lora_model(
+                ckpt_dir, lora, quantize, group_size, resume_from, tokenizer_file, T, len(sample_prompts),
+                run.device, on_device=run.strategy != "fsdp", seed=seed)
         raw_model.train()
         raw_model.checkpoint_activations = activation_checkpointing
         net = wrap_model(raw_model, run, compile, torch.bfloat16 if on_gpu and not pure_bf16 else master_dtype)
@@ -2583,22 +3043,33 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
         vocab_size = raw_model.params.vocab_size
         train_loader = DistributedShardedDataLoader(train_data, B, T, run.rank, run.world, vocab_size)
         val_loader = DistributedShardedDataLoader(val_data, B, T, run.rank, run.world, vocab_size) if val_data else None
-        start_step = restore(resume_from, raw_model, optimizer, train_loader, checkpointer.group) if resume_from else 0
+        start_step = 0
+        if resume_from is not None:
+            start_step = restore(resume_from, raw_model, optimizer, train_loader, checkpointer.group,
+                                 adapters_only=lora is not None)
         if run.rank == 0:
-            check_disk_space(out_dir, raw_model)
-        print0(f"model {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters | {run.world} "
-               f"process(es) | B={B} T={T} grad_accum={grad_accum} -> {total_batch_size:,} tokens/step | "
-               f"{run.device} {master_dtype}{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
+            check_disk_space(out_dir, raw_model, export=lora is None)
+        what = f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters"
+        if lora is not None:
+            what = (f"{'QLoRA' if quantize else 'LoRA'} rank {lora.rank} on {','.join(lora.targets)}: "
+                    f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
+                    f"parameters on a frozen base{' in int4' if quantize else ''}")
+        print0(f"model {what} | {run.world} process(es) | B={B} T={T} grad_accum={grad_accum} -> "
+               f"{total_batch_size:,} tokens/step | {run.device} {master_dtype}"
+               f"{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
 
-        return train_loop(net, raw_model, optimizer, Batches(train_loader, run.device, fixed=overfit_single_batch),
-                          val_loader, run, start_step=start_step, max_steps=max_steps, learning_rate=learning_rate,
-                          warmup_steps=warmup_steps, min_lr_frac=min_lr_frac, grad_accum=grad_accum,
-                          grad_clip=grad_clip, max_bad_steps=max_bad_steps, val_every=val_every, val_steps=val_steps,
-                          sample_every=sample_every, sample_prompts=sample_prompts, sample_len=sample_len,
-                          seed=seed, save_every=save_every, export_every=export_every, checkpointer=checkpointer,
-                          out_dir=out_dir, tokenizer=tokenizer,
-                          tokenizer_file=tokenizer_file, autocast_ctx=autocast_ctx,
-                          tokens_per_step=total_batch_size, peak_flops=peak_flops)
+        # LoRA's dropout draws from the global RNG, which train_loop seeds at every step: the caller's RNG
+        # state comes back when train returns
+        with torch.random.fork_rng(devices=[run.device] if on_gpu else []):
+            return train_loop(net, raw_model, optimizer, Batches(train_loader, run.device, fixed=overfit_single_batch),
+                              val_loader, run, start_step=start_step, max_steps=max_steps,
+                              learning_rate=learning_rate, warmup_steps=warmup_steps, min_lr_frac=min_lr_frac,
+                              grad_accum=grad_accum, grad_clip=grad_clip, max_bad_steps=max_bad_steps,
+                              val_every=val_every, val_steps=val_steps, sample_every=sample_every,
+                              sample_prompts=sample_prompts, sample_len=sample_len, seed=seed, save_every=save_every,
+                              export_every=export_every, checkpointer=checkpointer, out_dir=out_dir,
+                              tokenizer=tokenizer, tokenizer_file=tokenizer_file, autocast_ctx=autocast_ctx,
+                              tokens_per_step=total_batch_size, peak_flops=peak_flops, adapter=adapter)
 
 
 # -----------------------------------------------------------------------------
@@ -2638,11 +3109,13 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
            max_seq_len: int = 512, max_gen_len: int = 256, max_batch_size: int = 4, temperature: float = TEMPERATURE,
            top_p: float = TOP_P, seed: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
            compile: bool = False, echo: bool = False, quantize: Optional[str] = None,
-           group_size: int = INT4_GROUP_SIZE):
-    """Complete --prompt (streamed), or a few example prompts as one batch, with a base model.
+           group_size: int = INT4_GROUP_SIZE, lora_dir: Optional[str] = None):
+    """Complete --prompt (streamed), or a few example prompts as one batch, with a base model (plus the
+    adapters of a LoRA run on it: --lora_dir out/run/step_N).
     --quantize int8 | int4: quantized weights (faster on a GPU; Llama 3.1 70B fits one H200 or 80 GB card)."""
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                        device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
+                        device=device, dtype=dtype, compile=compile, quantize=quantize, group_size=group_size,
+                        lora_dir=lora_dir)
     llama.check_sampling(temperature, top_p)
     device = llama.model.tok_embeddings.weight.device
     rng = torch.Generator(device=device).manual_seed(seed)
@@ -2662,11 +3135,12 @@ def sample(ckpt_dir: str, prompt: Optional[str] = None, tokenizer_path: Optional
 def chat(ckpt_dir: str, system: Optional[str] = None, tokenizer_path: Optional[str] = None, max_seq_len: int = 4096,
          max_gen_len: int = 1024, temperature: float = TEMPERATURE, top_p: float = TOP_P, seed: int = 1,
          device: Optional[str] = None, dtype: Optional[str] = None, compile: bool = False,
-         quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE):
-    """Talk with an Instruct model: multi-turn, streamed, with an optional --system prompt. An empty line or
-    end of input (Ctrl-D) ends the conversation. --quantize int8 | int4 as for sample."""
+         quantize: Optional[str] = None, group_size: int = INT4_GROUP_SIZE, lora_dir: Optional[str] = None):
+    """Talk with an Instruct model (plus the adapters of a LoRA run on it: --lora_dir): multi-turn, streamed,
+    with an optional --system prompt. An empty line or end of input (Ctrl-D) ends the conversation.
+    --quantize int8 | int4 as for sample."""
     llama = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=1, device=device,
-                        dtype=dtype, compile=compile, quantize=quantize, group_size=group_size)
+                        dtype=dtype, compile=compile, quantize=quantize, group_size=group_size, lora_dir=lora_dir)
     llama.check_sampling(temperature, top_p)
     rng = torch.Generator(device=llama.model.tok_embeddings.weight.device).manual_seed(seed)
     dialog = [{"role": "system", "content": system}] if system else []
@@ -2768,7 +3242,8 @@ def main():
     try:
         # results are for Python callers (tests); the commands print what a user needs
         fire.Fire({"demo": demo, "sample": sample, "chat": chat, "train": train, "prepare": prepare,
-                   "tinystories": tinystories, "convert": convert, "eval": eval_checkpoint, "export": export},
+                   "tinystories": tinystories, "convert": convert, "eval": eval_checkpoint, "export": export,
+                   "merge": merge},
                   serialize=lambda result: None)
     except (ValueError, OSError, FloatingPointError) as e:  # the user's to fix: one line, no traceback
         print(f"llama31: error: {e}", file=sys.stderr)

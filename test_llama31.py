@@ -10,6 +10,7 @@ Run: python -m pytest -q test_llama31.py. GPU tests skip without CUDA."""
 
 import ast
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -1719,12 +1720,12 @@ def logged_losses(out_dir: Path) -> list:
 
 
 def train_two_and_one(init_ckpt, train_data, two_dir: Path, one_dir: Path, steps: int, device: str, timeout: float,
-                      *two_flags):
+                      *two_flags, both: tuple = ()):
     """The same training run as 2 processes under torchrun (into two_dir) and as 1 process with twice the
-    gradient accumulation (into one_dir), side by side; both must succeed."""
+    gradient accumulation (into one_dir), side by side; both must succeed. both: flags of both runs."""
     common = ["train", "--ckpt_dir", str(init_ckpt), "--train_data", train_data, "--val_data", "",
               "--batch_size", str(B), "--seq_len", str(T), "--max_steps", str(steps), "--learning_rate", "1e-3",
-              "--warmup_steps", "1", "--device", device]
+              "--warmup_steps", "1", "--device", device, *both]
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                             str(HERE / "llama31.py"), *common, "--out_dir", str(two_dir), *two_flags],
                            cwd=HERE, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -2024,6 +2025,451 @@ def test_latest_checkpoint_ignores_other_names(tmp_path):
         (tmp_path / name).mkdir()
     assert llama31.latest_checkpoint(tmp_path) == tmp_path / "step_000002"
 
+
+# -----------------------------------------------------------------------------
+# LoRA and QLoRA: adapters on a frozen base, their checkpoints, merge, sample --lora_dir
+
+LORA = llama31.LoRAArgs(rank=4, alpha=8.0, dropout=0.0, targets=tuple(llama31.LORA_TARGETS))
+
+
+def tiny_base(ckpt: Path) -> llama31.Transformer:
+    return llama31.load_model(ckpt, None, SEQ, BATCH, torch.device("cpu"), torch.float32)[0]
+
+
+def fingerprint(model: llama31.Transformer) -> str:
+    return llama31.base_fingerprint(model.params, model.state_dict())
+
+
+def with_random_adapters(model: llama31.Transformer, lora: llama31.LoRAArgs, seed: int) -> llama31.Transformer:
+    """Adapters as if trained: A from add_lora, B random (zero B would make every comparison trivial), sized
+    so that (alpha / rank) B A is about a fifth of W."""
+    llama31.add_lora(model, lora, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in llama31.lora_linears(model).values():
+            m.lora_b.weight.copy_(0.05 * torch.randn(m.lora_b.weight.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_ckpt, tmp_path_factory) -> Path:
+    """A LoRA step directory of adapters on the tiny checkpoint, written as train writes one."""
+    model = with_random_adapters(tiny_base(tiny_ckpt), LORA, seed=3)
+    path = tmp_path_factory.mktemp("lora") / "step_000001"
+    base = {"base_path": str(tiny_ckpt), "base_fingerprint": fingerprint(tiny_base(tiny_ckpt))}
+    llama31.save_lora_checkpoint(path, LORA, base, llama31.lora_state_dict(model))
+    return path
+
+
+# Merged against unmerged, in float32: x (W + s B A)^T and x W^T + s (x A^T) B^T are the same sums in another
+# order (and W + s B A is rounded once more). A logit (up to ~10 here, ulp ~1e-6) ends a chain of such dot
+# products of up to 176 terms, two blocks deep, so it moves by tens of ulps: measured 2.8e-5 on these weights.
+# The bound is the 1e-4 used against Meta, whose code reorders the same sums.
+MERGE_TOL = 1e-4
+
+
+@torch.no_grad()
+def test_lora_at_step_0_gives_exactly_the_base_logits_and_loss(tiny_ckpt):
+    base = tiny_base(tiny_ckpt)
+    tokens = random_tokens(BATCH, SEQ)
+    want, want_loss = base(tokens), base(tokens[:, :-1], targets=tokens[:, 1:])
+    lora = llama31.add_lora(tiny_base(tiny_ckpt), dataclasses.replace(LORA, dropout=0.1),
+                            torch.Generator().manual_seed(0))
+    assert len(llama31.lora_linears(lora)) == 7 * TINY["n_layers"]
+    assert torch.equal(lora.eval()(tokens), want)
+    assert torch.equal(lora.train()(tokens[:, :-1], targets=tokens[:, 1:]), want_loss)  # dropout on, B = 0
+    # Meta's names stay: the base weights are where a Meta checkpoint puts them, the adapters beside them
+    names = set(lora.state_dict())
+    assert set(base.state_dict()) <= names
+    assert "layers.0.attention.wq.lora_a.weight" in names and "layers.1.feed_forward.w2.lora_b.weight" in names
+    assert all(v.dtype == torch.float32 for v in llama31.lora_state_dict(lora).values())
+
+
+def test_lora_trains_only_the_adapters(tiny_ckpt):
+    base = tiny_base(tiny_ckpt)
+    model = llama31.add_lora(tiny_base(tiny_ckpt), dataclasses.replace(LORA, targets=("wq", "wv", "w2")),
+                             torch.Generator().manual_seed(0))
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{m}.{ab}.weight" for i in range(2) for m in
+                         ("attention.wq", "attention.wv", "feed_forward.w2") for ab in ("lora_a", "lora_b")}
+    opt = llama31.configure_optimizer(model, 1e-2, 0.0, torch.device("cpu"))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = random_tokens(2, 33)
+    losses = []
+    for _ in range(3):
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        loss.backward()
+        assert all((p.grad is not None) == (k in trainable) for k, p in model.named_parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    end = model.state_dict()
+    assert all(torch.equal(end[k], start[k]) for k in base.state_dict())  # the base, bit for bit
+    assert all(not torch.equal(end[k], start[k]) for k in trainable)  # every adapter moved
+    assert losses[-1] < losses[0]
+
+
+@torch.no_grad()
+def test_merged_weights_give_the_logits_of_base_plus_adapters(tiny_ckpt):
+    unmerged = with_random_adapters(tiny_base(tiny_ckpt), LORA, seed=3).eval()
+    tokens = random_tokens(BATCH, SEQ)
+    want = unmerged(tokens)
+    assert (want - tiny_base(tiny_ckpt)(tokens)).abs().max() > 0.1  # the adapters do change the logits
+    merged = llama31.merge_lora(unmerged)
+    assert not llama31.lora_linears(merged) and set(merged.state_dict()) == set(tiny_base(tiny_ckpt).state_dict())
+    assert (merged(tokens) - want).abs().max() < MERGE_TOL
+
+
+def test_merge_cli_output_loads_in_llama_build_meta_reference_and_transformers(tmp_path, tiny_ckpt, lora_dir):
+    from transformers import LlamaForCausalLM
+    unmerged = llama31.Llama.build(str(tiny_ckpt), max_seq_len=SEQ, max_batch_size=BATCH, device="cpu",
+                                   dtype="float32", lora_dir=str(lora_dir))
+    tokens = random_tokens(2, 40, seed=7)
+    want = unmerged.model(tokens)
+    r = run_cli("merge", "--ckpt_dir", str(tiny_ckpt), "--lora_dir", str(lora_dir), "--out_dir", str(tmp_path / "m32"),
+                "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    ours = llama31.Llama.build(str(tmp_path / "m32"), max_seq_len=SEQ, max_batch_size=BATCH, device="cpu")
+    assert (ours.model(tokens) - want).abs().max() < MERGE_TOL
+    params = json.loads((tmp_path / "m32" / "params.json").read_text())
+    meta = reference_model(params, torch.load(tmp_path / "m32" / "consolidated.00.pth", weights_only=True), SEQ, 2)
+    assert (reference_logits(meta, tokens) - want).abs().max() < MERGE_TOL  # Meta's code, strictly loaded
+
+    llama31.merge(str(tiny_ckpt), str(lora_dir), str(tmp_path / "hf"), to="hf", dtype="float32")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        b = hf(tokens).logits.float()
+    assert ((want - b).norm() / b.norm()).item() < 1e-4  # the bound of the other transformers tests
+
+    # by default the base's own dtype (bf16 here, as Meta ships): W + s B A in float32, rounded once
+    llama31.merge(str(tiny_ckpt), str(lora_dir), str(tmp_path / "m16"))
+    m16 = torch.load(tmp_path / "m16" / "consolidated.00.pth", weights_only=True)
+    base = torch.load(tiny_ckpt / "consolidated.00.pth", weights_only=True)
+    adapters = lora_adapters(lora_dir)
+    assert all(v.dtype == torch.bfloat16 for v in m16.values()) and m16.keys() == base.keys()
+    k = "layers.1.feed_forward.w3"
+    delta = adapters[f"{k}.lora_b.weight"] @ adapters[f"{k}.lora_a.weight"]
+    assert torch.equal(m16[f"{k}.weight"], (base[f"{k}.weight"].float() + LORA.alpha / LORA.rank * delta).bfloat16())
+    assert torch.equal(m16["norm.weight"], base["norm.weight"])
+
+
+@torch.no_grad()
+def test_build_with_lora_dir_runs_adapters_unmerged_and_fuses_only_what_has_none(tmp_path, tiny_ckpt):
+    lora = dataclasses.replace(LORA, targets=("wq", "w2"))
+    model = with_random_adapters(tiny_base(tiny_ckpt), lora, seed=4).eval()
+    path = tmp_path / "step_000001"
+    base = {"base_path": str(tiny_ckpt), "base_fingerprint": fingerprint(tiny_base(tiny_ckpt))}
+    llama31.save_lora_checkpoint(path, lora, base, llama31.lora_state_dict(model))
+    llama = llama31.Llama.build(str(tiny_ckpt), max_seq_len=SEQ, max_batch_size=BATCH, device="cpu",
+                                dtype="float32", lora_dir=str(path))
+    layer = llama.model.layers[0]
+    assert layer.attention.wqkv is None and layer.feed_forward.w13 is not None  # w1, w3 carry no adapter
+    tokens = random_tokens(BATCH, SEQ)
+    torch.testing.assert_close(llama.model(tokens), model(tokens), atol=1e-5, rtol=0)  # as the fused-weights test
+    r = run_cli("sample", "--ckpt_dir", str(tiny_ckpt), "--lora_dir", str(path), "--prompt", "Hello",
+                "--max_seq_len", "64", "--max_gen_len", "8", "--temperature", "0", "--device", "cpu", "--dtype",
+                "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello" + llama.text_completion(["Hello"], temperature=0, max_gen_len=8)[0]["generation"] + "\n"
+
+
+def test_base_fingerprint_is_the_same_for_meta_and_hf_files_any_dtype_and_unread_files(tmp_path, tiny_ckpt, tiny_sd):
+    fp = fingerprint(tiny_base(tiny_ckpt))
+    llama31.convert(str(tiny_ckpt), str(tmp_path / "hf"), to="hf")
+    hf, _ = llama31.load_model(tmp_path / "hf", None, SEQ, 1, torch.device("cpu"), torch.bfloat16)
+    assert fingerprint(hf) == fp
+    for path in (tmp_path / "hf", write_meta_checkpoint(tmp_path / "mp", TINY, tiny_sd, n_files=2)):
+        args, sd, _ = llama31.read_checkpoint(path, None, SEQ, 1)  # only the first row of each weight is read
+        assert llama31.base_fingerprint(args, sd) == fp
+    other = write_meta_checkpoint(tmp_path / "other", TINY, random_state_dict(TINY, seed=1))
+    assert fingerprint(tiny_base(other)) != fp
+
+
+@pytest.mark.parametrize("lora, message", [
+    (dict(rank=0), "--lora_rank 0 must be a positive integer"),
+    (dict(rank=2.5), "--lora_rank 2.5 must be a positive integer"),
+    (dict(alpha=-1.0), "--lora_alpha -1.0 must be a number above 0"),
+    (dict(dropout=1.0), "--lora_dropout 1.0 must be a number in [0, 1)"),
+    (dict(targets="wq,wx"), "--lora_targets 'wq,wx' must name each of some of wq,wk,wv,wo,w1,w2,w3 once "
+                            "(unknown: ['wx'])"),
+    (dict(targets=()), "--lora_targets '' must name"),
+])
+def test_bad_lora_args_are_named(lora, message):
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(LORA, **lora).check()
+    assert message in str(e.value)
+
+
+def test_lora_dir_errors_are_one_line(tmp_path, tiny_ckpt, lora_dir):
+    other = write_meta_checkpoint(tmp_path / "other", TINY, random_state_dict(TINY, seed=1))
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_dir, broken)
+    (broken / "adapter.json").write_text(json.dumps({**json.loads((lora_dir / "adapter.json").read_text()),
+                                                     "rank": 0}))
+    cases = [
+        (lambda: llama31.Llama.build(str(tiny_ckpt), device="cpu", lora_dir=str(tiny_ckpt)), FileNotFoundError,
+         f"--lora_dir {tiny_ckpt} holds no adapter.json, so no LoRA adapters"),
+        (lambda: llama31.Llama.build(str(lora_dir), device="cpu"), ValueError,
+         f"{lora_dir} holds LoRA adapters, not a model: pass it as --lora_dir"),
+        (lambda: llama31.merge(str(tiny_ckpt), str(broken), str(tmp_path / "m")), ValueError,
+         f"{broken / 'adapter.json'}: --lora_rank 0 must be a positive integer"),
+        (lambda: llama31.merge(str(tiny_ckpt), str(lora_dir), str(tmp_path / "m"), to="gguf"), ValueError,
+         "--to 'gguf' must be hf or meta"),
+        (lambda: llama31.Llama.build(str(tiny_ckpt), device="cpu", quantize="int8", lora_dir=str(lora_dir)),
+         ValueError, "--lora_dir runs adapters on the base's own weights, not on --quantize'd ones; merge"),
+        (lambda: llama31.export(str(lora_dir), str(tmp_path / "m")), ValueError,
+         f"{lora_dir} holds LoRA adapters, not a model: merge them into the base they were trained on"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            call()
+    assert not (tmp_path / "m").exists()
+    sample = ["sample", "--prompt", "Hi", "--max_seq_len", "64", "--max_gen_len", "2", "--device", "cpu"]
+    results = run_cli_all({"another_base": [*sample, "--ckpt_dir", other, "--lora_dir", lora_dir],
+                           "no_adapters": [*sample, "--ckpt_dir", tiny_ckpt, "--lora_dir", tiny_ckpt]}, tmp_path)
+    assert_one_line_error(results["another_base"], f"--lora_dir {lora_dir} holds adapters trained on another base "
+                          f"({tiny_ckpt}", f"than --ckpt_dir {other}")
+    assert_one_line_error(results["no_adapters"], f"--lora_dir {tiny_ckpt} holds no adapter.json")
+
+
+def test_linear_cross_entropy_without_the_weight_gradient_gives_the_same_loss_and_input_gradient():
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(50, 16, generator=g, requires_grad=True), torch.randn(300, 16, generator=g)
+    t = torch.randint(0, 300, (50,), generator=g)
+    full = llama31.LinearCrossEntropy.apply(h, w.requires_grad_(True), t, -100, 7, True)
+    frozen = llama31.LinearCrossEntropy.apply(h, w.detach(), t, -100, 7, True, False)
+    assert torch.equal(frozen, full)
+    assert torch.equal(torch.autograd.grad(frozen, h)[0], torch.autograd.grad(full, h)[0])
+
+
+# QLoRA: a base whose linear input sizes are multiples of the int4 group (64)
+QLORA_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=64,
+                    use_scaled_rope=True)
+
+
+def saved_tensor_shapes(fn) -> list:
+    shapes = []
+
+    def pack(t):
+        shapes.append((tuple(t.shape), t.dtype))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def copy_model(model: llama31.Transformer) -> llama31.Transformer:
+    out = llama31.Transformer(model.params)
+    out.load_state_dict(model.state_dict())
+    return out
+
+
+def test_qlora_computes_with_exactly_the_weights_it_holds_and_keeps_none_dequantized(tmp_path):
+    base = llama31.Transformer(llama31.ModelArgs(**QLORA_PARAMS, max_seq_len=SEQ))
+    base.init_weights(torch.Generator().manual_seed(0))
+    qlora = copy_model(base)
+    for layer in qlora.layers:
+        llama31.quantize_block(layer, CPU)
+    llama31.add_lora(qlora.requires_grad_(False), LORA, torch.Generator().manual_seed(1))
+    int4 = {n: m for n, m in qlora.named_modules() if isinstance(m, llama31.Int4Linear)}
+    assert len(int4) == 7 * 2 and all(n.endswith(".quantized") for n in int4)
+    assert all(m.weight.dtype == torch.uint8 for m in int4.values())  # two to a byte, as Int4Matmul reads them
+    # the same model with the dequantized weights as plain float32 linears computes the same, bit for bit
+    dequantized = copy_model(base)
+    with torch.no_grad():
+        for n, m in int4.items():
+            dequantized.get_parameter(n.removesuffix(".quantized") + ".weight").copy_(m.dequantize(torch.float32))
+    llama31.add_lora(dequantized, LORA, torch.Generator().manual_seed(1))
+    for model in (qlora, dequantized):  # the same adapters, with B not zero
+        with torch.no_grad():
+            for m in llama31.lora_linears(model).values():
+                m.lora_b.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    tokens = random_tokens(3, 21)  # 60 rows: the loss's saved (rows, dim) gradient has no weight's shape
+    loss_q = qlora(tokens[:, :-1], targets=tokens[:, 1:])
+    loss_d = dequantized(tokens[:, :-1], targets=tokens[:, 1:])
+    assert torch.equal(loss_q, loss_d)
+    loss_q.backward()
+    loss_d.backward()
+    grads_d = {k: p.grad for k, p in dequantized.named_parameters() if p.requires_grad}
+    assert {k: p.grad for k, p in qlora.named_parameters() if p.requires_grad}.keys() == grads_d.keys()
+    assert all(torch.equal(p.grad, grads_d[k]) for k, p in qlora.named_parameters() if p.requires_grad)
+    # what autograd keeps for the backward: the bf16-LoRA model keeps every frozen weight, QLoRA none
+    # (a matmul keeps W^T, of shape (in, out))
+    weight_shapes = {(m.out_features, m.in_features) for m in int4.values()}
+    either_way = weight_shapes | {(i, o) for o, i in weight_shapes}
+    kept = saved_tensor_shapes(lambda: qlora(tokens[:, :-1], targets=tokens[:, 1:]))
+    assert not [s for s, dtype in kept if s in either_way and dtype.is_floating_point]
+    kept = {s for s, _ in saved_tensor_shapes(lambda: dequantized(tokens[:, :-1], targets=tokens[:, 1:]))}
+    assert all((o, i) in kept or (i, o) in kept for o, i in weight_shapes)
+
+# training with adapters: the train command's data, schedule, checkpoints and --resume, through LoRA
+
+LORA_FLAGS = dict(lora_rank=4, lora_alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def qlora_ckpt(tmp_path_factory) -> Path:
+    """A tiny base QLoRA can quantize: every linear input size a multiple of the int4 group."""
+    model = llama31.Transformer(llama31.ModelArgs(**QLORA_PARAMS, max_seq_len=64))
+    model.init_weights(torch.Generator().manual_seed(0))
+    path = tmp_path_factory.mktemp("qlora") / "base"
+    llama31.save_checkpoint(model, path, default_tokenizer_path())
+    return path
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir())
+
+
+def lora_adapters(step_dir: Path) -> dict:
+    """The adapters of a LoRA step directory, whole (as merge and --lora_dir read them)."""
+    return llama31.read_lora_checkpoint(step_dir)[2]
+
+
+def test_lora_training_starts_at_the_base_loss_and_saves_only_the_adapters(init_ckpt, train_data, tmp_path):
+    full = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "full", max_steps=1))
+    losses = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "lora", max_steps=3,
+                                          learning_rate=1e-2, lora_dropout=0.1, **LORA_FLAGS))
+    assert losses[0] == full[0]  # the loss of step 1 is the base's, bit for bit (B = 0, dropout or not)
+    step = tmp_path / "lora" / "step_000003"
+    # a training checkpoint of one process (DCP's index and one shard file) with adapter.json, not params.json
+    assert sorted(p.name for p in step.iterdir()) == [".metadata", "__0_0.distcp", "adapter.json"]
+    assert not list((tmp_path / "lora").glob("export_*"))  # a LoRA run exports nothing
+    # megabytes against the base's: here 0.2% of it (4 tensors per adapted linear, 14 adapted linears)
+    assert dir_bytes(step) < 0.01 * (init_ckpt / "consolidated.00.pth").stat().st_size
+    config = json.loads((step / "adapter.json").read_text())
+    assert config == {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": list(llama31.LORA_TARGETS),
+                      "base_path": str(init_ckpt.resolve()),
+                      "base_fingerprint": fingerprint(llama31.load_model(init_ckpt)[0])}
+    adapters = lora_adapters(step)
+    assert len(adapters) == 2 * 7 * 2 and all(v.dtype == torch.float32 for v in adapters.values())
+    assert all(adapters[k].abs().max() > 0 for k in adapters if "lora_b" in k)  # B has left zero
+    # every tensor the checkpoint holds: the adapters, AdamW's state of them alone, the step and data position
+    saved = llama31.CheckpointReader(step).read_metadata().state_dict_metadata
+    moments = {f"optimizer.{k}.{m}" for k in adapters for m in ("step", "exp_avg", "exp_avg_sq")}
+    assert saved.keys() == {f"model.{k}" for k in adapters} | moments | {"train.step", "train.shard",
+                                                                         "train.position"}
+    # the run's checkpoint is usable as it is: base + adapters unmerged, and merged
+    llama31.merge(str(init_ckpt), str(step), str(tmp_path / "merged"))
+    tokens = random_tokens(2, 30)
+    unmerged = llama31.Llama.build(str(init_ckpt), max_seq_len=64, device="cpu", lora_dir=str(step)).model(tokens)
+    merged = llama31.Llama.build(str(tmp_path / "merged"), max_seq_len=64, device="cpu").model(tokens)
+    assert (merged - unmerged).abs().max() < MERGE_TOL
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_lora_and_qlora_resume_continues_exactly(init_ckpt, qlora_ckpt, train_data, tmp_path, quantize):
+    """As test_resume_continues_exactly, with adapters (and dropout, which draws from the RNG), their
+    checkpoints written in the background (--async_save, as on a GPU)."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    kw = dict(max_steps=6, save_every=3, learning_rate=1e-2, lora_dropout=0.1, quantize=quantize, async_save=True,
+              **LORA_FLAGS)
+    base = qlora_ckpt if quantize else init_ckpt
+    losses_a = llama31.train(**train_kwargs(base, train_data, a_dir, **kw))
+    shutil.copytree(a_dir / "step_000003", b_dir / "step_000003")
+    losses_b = llama31.train(**train_kwargs(base, train_data, b_dir, resume=True, **kw))
+    assert len(losses_a) == 6 and losses_b == losses_a[3:]  # bitwise on the CPU
+    wa, wb = lora_adapters(a_dir / "step_000006"), lora_adapters(b_dir / "step_000006")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fsdp_lora_over_two_processes_matches_gradient_accumulation(init_ckpt, train_data, tmp_path):
+    """FSDP2 shards the frozen base with the adapters: 2 processes give the losses and adapters of 1 process
+    with twice the gradient accumulation (the bounds of the full-finetuning test); and their checkpoint resumes
+    on 1 process as the 1-process run's own does, within the same bounds."""
+    train_two_and_one(init_ckpt, train_data, tmp_path / "fsdp", tmp_path / "one", 3, "cpu", 120, "--fsdp", "True",
+                      both=("--lora_rank", "4", "--lora_alpha", "8"))
+    a, b = logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "one")
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3]
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(a, b):
+        assert loss_a == pytest.approx(loss_b, rel=1e-4, abs=0)
+        assert norm_a == pytest.approx(norm_b, rel=1e-4, abs=0)
+    wa, wb = lora_adapters(tmp_path / "fsdp" / "step_000003"), lora_adapters(tmp_path / "one" / "step_000003")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+    # each rank wrote its half of every adapter and moment; one process reads both halves (DCP reshards) and
+    # goes on from the same token of the data
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "step_000003").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp", "adapter.json"]
+    shutil.copytree(tmp_path / "fsdp" / "step_000003", tmp_path / "resharded" / "step_000003")
+    kw = dict(max_steps=5, warmup_steps=1, total_batch_size=2 * B * T, resume=True, **LORA_FLAGS)
+    resharded = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "resharded", **kw))
+    continued = llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "one", **kw))
+    assert len(continued) == 2 and resharded == pytest.approx(continued, rel=1e-4, abs=0)
+    wa, wb = lora_adapters(tmp_path / "resharded" / "step_000005"), lora_adapters(tmp_path / "one" / "step_000005")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_fsdp_lora_on_two_gpus_matches_one_gpu(init_ckpt, train_data, tmp_path):
+    """FSDP2 LoRA over 2 GPUs (the bf16 base read to the CPU and sharded onto the GPUs, float32 adapters)
+    follows 1 GPU with twice the gradient accumulation within the full-finetuning test's 1e-2."""
+    train_two_and_one(init_ckpt, train_data, tmp_path / "fsdp", tmp_path / "one", 6, "cuda", 300,
+                      both=("--lora_rank", "4", "--lora_alpha", "8"))
+    a, b = logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "one")
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss, _ in a] == pytest.approx([loss for _, loss, _ in b], rel=1e-2)
+
+def test_disk_space_check_counts_what_a_checkpoint_holds(init_ckpt, train_data, tmp_path, monkeypatch):
+    """A LoRA checkpoint (adapters + their AdamW moments, 58 kB here) fits where a full one (100 MB) does not."""
+    one_mb_free = shutil.disk_usage(tmp_path)._replace(free=10**6)
+    monkeypatch.setattr(llama31.shutil, "disk_usage", lambda path: one_mb_free)
+    llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "lora", max_steps=1, **LORA_FLAGS))
+    with pytest.raises(OSError, match="has 0.00 GB free, but a checkpoint of this model needs about 0.10 GB"):
+        llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "full", max_steps=1))
+
+
+def test_lora_train_errors_name_the_flag_and_are_one_line(init_ckpt, train_data, tmp_path, tiny_ckpt):
+    lora_run, full_run = tmp_path / "lora_run", tmp_path / "full_run"
+    llama31.train(**train_kwargs(init_ckpt, train_data, lora_run, max_steps=1, **LORA_FLAGS))
+    llama31.train(**train_kwargs(init_ckpt, train_data, full_run, max_steps=1))
+    cases = [
+        (dict(lora_rank=4, lora_alpha=-1), "--lora_alpha -1 must be a number above 0"),
+        (dict(lora_rank=4, lora_targets="wq,wx"), "--lora_targets 'wq,wx' must name .* \\(unknown: \\['wx'\\]\\)"),
+        (dict(lora_rank=4, quantize="int3"), "--quantize 'int3': only int4, with --lora_rank"),
+        (dict(quantize="int4"), "--quantize 'int4': only int4, with --lora_rank"),
+        (dict(lora_rank=4, quantize="int4"), "--group_size 64 does not divide the 32 inputs of a linear layer"),
+        (dict(lora_rank=4, pure_bf16=True), "without --pure_bf16"),
+        (dict(lora_rank=8, resume=True, out_dir=str(lora_run)),
+         "holds adapters of LoRAArgs\\(rank=4, alpha=8.0.*flags ask for LoRAArgs\\(rank=8, alpha=16.0"),
+        (dict(resume=True, out_dir=str(lora_run)), "step_000001 holds LoRA adapters; resume it with the --lora_"),
+        (dict(resume=True, out_dir=str(full_run), **LORA_FLAGS), "step_000001 holds a whole model; resume it without"),
+        (dict(export_every=2, **LORA_FLAGS), "--export_every 2: a LoRA run checkpoints its adapters only and exports "
+                                             "nothing; merge"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "o", max_steps=2) | flags)
+    assert not any((tmp_path / "o").glob("step_*"))
+    # and on the command line, one line each (a lora_dir of another base: its adapters, --ckpt_dir)
+    lora = ["--lora_rank", 4, "--lora_alpha", 8, "--max_steps", 2]
+    results = run_cli_all({"rank_0": train_flags(init_ckpt, train_data, tmp_path / "o", "--lora_rank", 0),
+                           "another_base": train_flags(tiny_ckpt, train_data, lora_run, *lora, "--resume")}, tmp_path)
+    assert_one_line_error(results["rank_0"], "--lora_rank 0 must be a positive integer")
+    assert_one_line_error(results["another_base"], f"holds adapters trained on another base ({init_ckpt.resolve()}",
+                          f"than --ckpt_dir {tiny_ckpt}")
+
+
+@cuda
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_gpu_lora_and_qlora_start_at_the_bf16_base_loss_compile_and_resume(qlora_ckpt, train_data, tmp_path,
+                                                                            quantize):
+    """On a GPU (bf16 base, bf16 autocast, compiled, activation checkpointing): step 1's loss is the bf16 base's
+    (QLoRA: the base's int4 weights, dequantized), within the 1e-3 of compiled against eager; a resumed run
+    follows the uninterrupted one within it too (GPU kernels need not be bitwise reproducible)."""
+    kw = dict(device="cuda", max_steps=4, save_every=2, learning_rate=1e-2, lora_dropout=0.1, quantize=quantize,
+              compile=True, activation_checkpointing=True, **LORA_FLAGS)
+    losses = llama31.train(**train_kwargs(qlora_ckpt, train_data, tmp_path / "a", **kw))
+    shutil.copytree(tmp_path / "a" / "step_000002", tmp_path / "b" / "step_000002")
+    resumed = llama31.train(**train_kwargs(qlora_ckpt, train_data, tmp_path / "b", resume=True, **kw))
+    assert resumed == pytest.approx(losses[2:], rel=1e-3)
+    device = torch.device("cuda")
+    if quantize:
+        base = llama31.load_qlora_base(qlora_ckpt, None, 64, 1, device, torch.bfloat16, llama31.INT4_GROUP_SIZE)[0]
+    else:
+        base = llama31.load_model(qlora_ckpt, max_seq_len=64, device=device, dtype=torch.bfloat16)[0]
+    x, y = loader(train_data, B, T).next_batch()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert base(x.to(device), targets=y.to(device)).item() == pytest.approx(losses[0], rel=1e-3)
 
 # -----------------------------------------------------------------------------
 # reliability: SIGKILL at random moments (also mid-save) leaves loadable checkpoints; --resume is exact
