@@ -2863,6 +2863,30 @@ def log_json(path: Path, record: dict):
         f.write(json.dumps(record) + "\n")
 
 
+def check_lora_flags(lora: Optional["LoRAArgs"], quantize: Optional[str], group_size: int,
+                     ckpt_dir: Optional[str], pure_bf16: bool, export_every: int):
+    """The flags that LoRA and QLoRA runs take, and those they cannot, checked before any work."""
+    if quantize not in (None, "int4") or (quantize and lora is None):
+        raise ValueError(f"--quantize {quantize!r}: only int4, with --lora_rank (QLoRA: a 4-bit base is trained "
+                         "through adapters)")
+    check_quantize(quantize, group_size)
+    if lora is not None and (ckpt_dir is None or pure_bf16):
+        raise ValueError("--lora_rank finetunes the base model of --ckpt_dir (without --pure_bf16: the base is "
+                         "bf16 already, the adapters and their AdamW state stay float32)")
+    if lora is not None and export_every:
+        raise ValueError(f"--export_every {export_every}: a LoRA run checkpoints its adapters only and exports "
+                         "nothing; merge a checkpoint into the base (llama31.py merge --ckpt_dir BASE --lora_dir "
+                         "out/run/step_N --out_dir D)")
+
+
+def describe_trainable(model: Transformer, lora: Optional["LoRAArgs"], quantize: Optional[str]) -> str:
+    if lora is None:
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+    return (f"{'QLoRA' if quantize else 'LoRA'} rank {lora.rank} on {','.join(lora.targets)}: "
+            f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable parameters on "
+            f"a frozen base{' in int4' if quantize else ''}")
+
+
 def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
                val_loader: Optional[DistributedShardedDataLoader], run: Run, *, start_step: int, max_steps: int,
                learning_rate: float, warmup_steps: int, min_lr_frac: float, grad_accum: int, grad_clip: float,
@@ -2982,17 +3006,7 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
                       learning_rate=learning_rate, min_lr_frac=min_lr_frac, weight_decay=weight_decay,
                       grad_clip=grad_clip, peak_flops=peak_flops)
     lora = None if lora_rank is None else LoRAArgs(lora_rank, lora_alpha, lora_dropout, lora_targets).check()
-    if quantize not in (None, "int4") or (quantize and lora is None):
-        raise ValueError(f"--quantize {quantize!r}: only int4, with --lora_rank (QLoRA: a 4-bit base is trained "
-                         "through adapters)")
-    check_quantize(quantize, group_size)
-    if lora is not None and (ckpt_dir is None or pure_bf16):
-        raise ValueError("--lora_rank finetunes the base model of --ckpt_dir (without --pure_bf16: the base is "
-                         "bf16 already, the adapters and their AdamW state stay float32)")
-    if lora is not None and export_every:
-        raise ValueError(f"--export_every {export_every}: a LoRA run checkpoints its adapters only and exports "
-                         "nothing; merge a checkpoint into the base (llama31.py merge --ckpt_dir BASE --lora_dir "
-                         "out/run/step_N --out_dir D)")
+    check_lora_flags(lora, quantize, group_size, ckpt_dir, pure_bf16, export_every)
     sample_prompts = (sample_prompts,) if isinstance(sample_prompts, str) else tuple(sample_prompts)
     B, T, out_dir = batch_size, seq_len, Path(out_dir)
     with distributed(device, fsdp) as run, Checkpointer(out_dir, async_save, keep_last, run.device) as checkpointer:
@@ -3023,12 +3037,12 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
         on_gpu = run.device.type == "cuda"
         use_autocast = on_gpu and not pure_bf16 and run.strategy != "fsdp"
         autocast_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
-        source = resume_from or ckpt_dir
         adapter = None
-        if lora is None:
-            tokenizer_file = resolve_tokenizer_path(source, tokenizer_path)
-            raw_model, tokenizer = build_train_model(source, model, tokenizer_file, T, len(sample_prompts),
-                                                     run.device, master_dtype, seed, resuming=resume_from is not None)
+        if lora is None:  # a checkpoint to finetune, ours to resume, or a preset from scratch
+            tokenizer_file = resolve_tokenizer_path(resume_from or ckpt_dir, tokenizer_path)
+            raw_model, tokenizer = build_train_model(resume_from or ckpt_dir, model, tokenizer_file, T,
+                                                     len(sample_prompts), run.device, master_dtype, seed,
+                                                     resuming=resume_from is not None)
         else:  # the model and tokenizer from --ckpt_dir, whose base the adapters of resume_from sit on
             tokenizer_file = resolve_tokenizer_path(ckpt_dir, tokenizer_path)
             raw_model, tokenizer, adapter = build_lora_model(
@@ -3049,12 +3063,8 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
                                  adapters_only=lora is not None)
         if run.rank == 0:
             check_disk_space(out_dir, raw_model, export=lora is None)
-        what = f"{sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters"
-        if lora is not None:
-            what = (f"{'QLoRA' if quantize else 'LoRA'} rank {lora.rank} on {','.join(lora.targets)}: "
-                    f"{sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
-                    f"parameters on a frozen base{' in int4' if quantize else ''}")
-        print0(f"model {what} | {run.world} process(es) | B={B} T={T} grad_accum={grad_accum} -> "
+        print0(f"model {describe_trainable(raw_model, lora, quantize)} | {run.world} process(es) | B={B} T={T} "
+               f"grad_accum={grad_accum} -> "
                f"{total_batch_size:,} tokens/step | {run.device} {master_dtype}"
                f"{' + bf16 autocast' if use_autocast else ''}", file=sys.stderr)
 
