@@ -464,9 +464,15 @@ class LinearCrossEntropy(torch.autograd.Function):
             logsumexp = torch.logsumexp(logits, dim=-1)
             losses.append(((logsumexp - logits.gather(1, tc[:, None])[:, 0]) * valid).sum())
             if need_grad:  # d loss / d logits = softmax - one_hot(target), zero on ignored rows
-                g = torch.exp(logits - logsumexp[:, None])
-                g = g.scatter_add(1, tc[:, None], torch.full((len(tc), 1), -1.0, dtype=g.dtype, device=g.device))
-                g = (g * valid[:, None]).to(hc.dtype)
+                minus_one = torch.full((len(tc), 1), -1.0, dtype=logits.dtype, device=logits.device)
+                if torch.compiler.is_compiling():  # inductor fuses these into one kernel
+                    g = torch.exp(logits - logsumexp[:, None])
+                    g = g.scatter_add(1, tc[:, None], minus_one) * valid[:, None]
+                else:  # eager: the same numbers, in place in the logits: each (chunk, vocab_size) float32 copy
+                    # (0.5 GB for 1024 rows) is memory the kernel zero-fills page by page, most of a CPU step
+                    g = logits.sub_(logsumexp[:, None]).exp_().scatter_add_(1, tc[:, None], minus_one)
+                    g = g.mul_(valid[:, None])
+                g = g.to(hc.dtype)
                 grad_h.append(g @ weight.to(hc.dtype))
                 if need_weight_grad:
                     grad_weight = (g.t() @ hc).float() + (0 if grad_weight is None else grad_weight)
@@ -2456,7 +2462,7 @@ class DistributedShardedDataLoader:
         shards = [(f, t) for f, t in shards if len(t) >= need]
         if not shards:
             raise ShardsTooSmall(f"data shard(s) {', '.join(small)}: too few for one step of {num_processes} "
-                             f"process(es) x B={B} x T={T} (+1); use a smaller B or T, or more data")
+                                 f"process(es) x B={B} x T={T} (+1); use a smaller B or T, or more data")
         if small:
             print0(f"skipping data shard(s) too small for one step: {', '.join(small)}", file=sys.stderr)
         self.files, self.shards = [f for f, _ in shards], [t for _, t in shards]
@@ -3114,7 +3120,7 @@ def train_loop(net: nn.Module, model: Transformer, optimizer, batches: Batches,
 
 
 # the peak learning rates train uses unless --learning_rate is given: finetuning moves a trained model gently;
-# from scratch, Llama 3 8B's own pretraining peak (3e-4), which trains every preset without diverging
+# from scratch, Llama 3 8B's own pretraining peak (3e-4: 3e-5 barely moves a model from its random start)
 FINETUNE_LR, FROM_SCRATCH_LR = 3e-5, 3e-4
 
 
@@ -3752,7 +3758,8 @@ def command_help(command: str) -> str:
     description, meanings = docstring_parts(fn)
     if command == "tinystories":
         meanings = docstring_parts(prepare)[1] | meanings
-    required = [f"--{n} {n.upper()}" for n, p in params.items() if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    required = [f"--{n} {n.upper()}" for n, p in params.items()
+                if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
     varargs = [f"{n.upper()} ..." for n, p in params.items() if p.kind is p.VAR_POSITIONAL]
     lines = [" ".join(["usage: python llama31.py", command, *required, *varargs, "[--flag value ...]"]), "",
              "\n\n".join(textwrap.fill(par, width) for par in description.split("\n\n")), "", "flags:"]

@@ -1650,6 +1650,25 @@ def test_forward_loss_without_inner_bos_is_plain_causal_cross_entropy():
     assert torch.allclose(model.forward_loss(packed, y_rows01), plain01, rtol=0, atol=1e-5)
 
 
+def test_linear_cross_entropy_in_place_equals_the_compiled_form(monkeypatch):
+    """Eager, the gradients are made in place in the logits (no 0.5 GB copies per chunk); compiled, out of
+    place: the same elementwise operations, so the same bits."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 64, generator=g, requires_grad=True)
+    w = (torch.randn(VOCAB, 64, generator=g) * 0.05).requires_grad_()
+    t = torch.randint(0, VOCAB, (300,), generator=g)
+    t[::7] = llama31.IGNORE_INDEX
+
+    def loss_and_grads():
+        h.grad = w.grad = None
+        loss = llama31.LinearCrossEntropy.apply(h, w, t, llama31.IGNORE_INDEX, 128, True)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+    eager = loss_and_grads()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the branch a compiled model takes
+    assert all(torch.equal(a, b) for a, b in zip(eager, loss_and_grads()))
+
+
 @pytest.mark.parametrize("chunk", [7, 50, 4096])
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk):
     g = torch.Generator().manual_seed(0)
@@ -3878,7 +3897,8 @@ def test_plot_draws_train_and_val_loss_lr_and_tok_per_s_of_each_run(tmp_path, ca
 
 def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
     code, _, err = main_in_process(["plot", write_log(tmp_path / "a", 2, 1)], capsys)
     assert code == 2 and err == "llama31: error: plot needs matplotlib: pip install matplotlib\n"
 
