@@ -3664,8 +3664,8 @@ def is_flag(arg: str) -> bool:
 
 def parse_command_line(argv: list) -> tuple[str, list, dict]:
     """(command, positional arguments, flags) from argv, checked against the command's signature before any
-    work starts: an unknown command or flag, a missing or malformed value, a flag given twice or a required
-    one missing is a ValueError. --flag alone sets a bool flag, --noflag clears it; --name=value and
+    work starts: an unknown command or flag, a missing or malformed value or a required one missing is a
+    ValueError; a flag given twice takes its last value. --flag alone sets a bool flag, --noflag clears it; --name=value and
     --name value both work; after a bare -- every argument is positional. -h / --help anywhere: (command,
     None, None)."""
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -3707,8 +3707,7 @@ def parse_command_line(argv: list) -> tuple[str, list, dict]:
                 raise ValueError(f"{flag} needs a value (write {flag}=VALUE for one that begins with -)")
             text = rest.pop(0)
         value = read_flag_value(flag, params[name], text)
-        if name in flags and kind is not tuple:
-            raise ValueError(f"{flag} is given twice")
+        # a flag given again overrides (as in fire and argparse); a tuple flag collects one item per use
         flags[name] = flags.get(name, ()) + (value,) if kind is tuple else value
     # positional arguments fill the required parameters not given as flags, in order, then *args (fire would
     # fill optional ones too: `train data/x.bin` would become --ckpt_dir)
@@ -3819,7 +3818,7 @@ def main(argv: Optional[list] = None):
         if positional is None:
             print(command_help(command))  # printed, not paged (fire's help would open less on a terminal)
             return
-        if command in ("train", "demo"):
+        if command in ("train", "demo") and __name__ == "__main__":  # the program's allocator, not an importer's
             tune_cpu_allocator()
         import fire  # imported here so the module itself needs only torch and tiktoken
         import warnings

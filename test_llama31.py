@@ -3631,7 +3631,6 @@ def test_cli_flags_are_checked_against_the_signature_before_any_work():
         ("sample", "c", "--compile=maybe"): "--compile 'maybe': expected true or false",
         ("sample", "c", "--prompt"): "--prompt needs a value",
         ("sample", "c", "--prompt", "--help"): "--prompt needs a value (write --prompt=VALUE",
-        ("sample", "c", "--seed", "1", "--seed", "2"): "--seed is given twice",
         ("sample", "c", "a prompt"): "unexpected argument 'a prompt'",  # fire would make it --prompt
         ("train", "data/train_000000.bin"): "unexpected argument",  # fire would make it --ckpt_dir
         ("sample", "-p", "hi"): "-p: unknown flag",  # no one-letter shortcuts (fire's -p, -s, -c, -e)
@@ -3647,6 +3646,7 @@ def test_cli_flags_are_checked_against_the_signature_before_any_work():
         ("train", "--sample_prompts", "a, b", "--sample_prompts", "None", "--fsdp", "None", "--learning_rate", "1e-3"):
             {"sample_prompts": ("a, b", "None"), "fsdp": None, "learning_rate": 1e-3},
         ("train", "--resume", "--nofsdp", "--val_data", ""): {"resume": True, "fsdp": False, "val_data": ""},
+        ("sample", "c", "--seed", "1", "--seed", "2"): {"ckpt_dir": "c", "seed": 2},  # the last one counts
         ("prepare", "my file.txt", "--seed=-1"): {"inputs": "my file.txt", "seed": -1},
         ("tinystories", "--val_fraction", "0.1"): {"val_fraction": 0.1},  # passed on to prepare
         ("convert", "a", "b", "--", "--to"): None,  # after --, all positional: too many
