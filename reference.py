@@ -112,6 +112,44 @@ def reference_greedy(model, tokenizer, prompt_tokens: list[list[int]], max_gen_l
     return out
 
 
+def reference_top_p_nucleus(probs: torch.Tensor, p: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What Meta's own sample_top_p draws from: per row of probs, (token ids, probabilities) of the tokens it
+    keeps, renormalised as it renormalises them, in the order of the ids. Meta's function runs unchanged; the
+    module-level torch it calls is swapped for a view that records the arguments of its torch.multinomial
+    (the renormalised sorted probabilities) and torch.gather (the sorted token ids)."""
+    generation = _meta_generation()
+    seen = {}
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def multinomial(self, probs_sort, *args, **kwargs):
+            seen["probs"] = probs_sort.clone()
+            return torch.multinomial(probs_sort, *args, **kwargs)
+
+        def gather(self, probs_idx, *args, **kwargs):
+            seen["idx"] = probs_idx.clone()
+            return torch.gather(probs_idx, *args, **kwargs)
+
+    generation.torch = Recording()
+    try:
+        generation.sample_top_p(probs.clone(), p)
+    finally:
+        generation.torch = torch
+    return nucleus_by_id(seen["probs"], seen["idx"])
+
+
+def nucleus_by_id(probs_sort: torch.Tensor, probs_idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row: (the ids of the tokens with probability > 0, their probabilities), in the order of the ids."""
+    out = []
+    for idx, row in zip(probs_idx, probs_sort):
+        ids, q = idx[row > 0], row[row > 0]
+        order = ids.argsort()
+        out.append((ids[order], q[order]))
+    return out
+
+
 def reference_tokenizer():
     """Meta's Tokenizer, loaded once from the tokenizer.model that llama-models ships."""
     from llama_models.llama3.tokenizer import Tokenizer

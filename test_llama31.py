@@ -12,6 +12,7 @@ import ast
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import io
 import json
 import math
@@ -41,7 +42,7 @@ from hypothesis import strategies as st
 import llama31
 import tokenizer as tk
 from reference import (reference_dialog_tokens, reference_greedy, reference_logits, reference_model,
-                       reference_tokenizer)
+                       reference_tokenizer, reference_top_p_nucleus, nucleus_by_id)
 from tokenizer import ChatFormat, Tokenizer, default_tokenizer_path
 
 HERE = Path(__file__).resolve().parent
@@ -473,6 +474,63 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 < 0.7, so the token crossing p (0.3) is kept, the rest dropped
 
 
+def assert_same_nucleus(ours: tuple, meta: tuple):
+    """The same tokens, and their renormalised probabilities equal to float32 rounding: both divide by a
+    float32 sum of the same numbers in another order (Meta's over the whole vocabulary with zeros, ours over
+    the candidates), each within about log2(128256) * 2^-24 = 1.0e-6 relative (pairwise summation), plus
+    2^-24 for the division: 3e-6 relative."""
+    assert torch.equal(ours[0], meta[0]), (len(ours[0]), len(meta[0]))
+    assert torch.allclose(ours[1], meta[1], rtol=3e-6, atol=0), ((ours[1] - meta[1]).abs() / meta[1]).max()
+
+
+# peaked (a few tokens), spread (hundreds to thousands: past the first 256 candidates), flat (most of the
+# vocabulary: the whole sort), at the temperatures and top_p of Meta's scripts and the demo
+@pytest.mark.parametrize("scale", [12.0, 3.0, 0.3])
+def test_top_p_nucleus_equals_metas(scale):
+    g = torch.Generator().manual_seed(int(scale * 10))
+    for trial in range(2):
+        logits = torch.randn(2, VOCAB, generator=g) * scale
+        logits[1, :300] += 4 * scale * torch.rand(300, generator=g)  # a second row with a heavier head
+        for temperature, p in ((0.6, 0.9), (0.8, 0.95), (1.0, 0.5)):
+            probs = torch.softmax(logits / temperature, dim=-1)
+            ours = nucleus_by_id(*llama31.top_p_nucleus(probs.clone(), p))
+            for o, m in zip(ours, reference_top_p_nucleus(probs, p)):
+                assert_same_nucleus(o, m)
+
+
+def test_top_p_nucleus_at_the_edge_of_the_candidates():
+    """A nucleus that ends just inside, at, or just past the first 256 candidates (and p = 1, every token):
+    the margin never drops a token past the candidates that Meta keeps. The probabilities are distinct
+    (neighbours 1/128256 apart, far above float32's 2^-24), so the sorted order has no ties to break."""
+    g = torch.Generator().manual_seed(0)
+    spread = 1 + torch.arange(VOCAB, 0, -1, dtype=torch.float64) / VOCAB  # descending, distinct
+    for p in (0.5, 0.9):
+        for extra in (-1e-5, -1e-7, 0.0, 1e-7, 1e-5):  # the first 256 tokens hold p + extra of the mass
+            probs = spread.clone()
+            probs[:256] *= (p + extra) / float(probs[:256].sum())
+            probs[256:] *= (1 - p - extra) / float(probs[256:].sum())
+            probs = probs.float()[torch.randperm(VOCAB, generator=g)][None]
+            assert_same_nucleus(nucleus_by_id(*llama31.top_p_nucleus(probs.clone(), p))[0],
+                                reference_top_p_nucleus(probs, p)[0])
+    probs = torch.softmax(torch.randn(1, VOCAB, generator=g) * 5, dim=-1)
+    assert_same_nucleus(nucleus_by_id(*llama31.top_p_nucleus(probs.clone(), 1.0))[0],
+                        reference_top_p_nucleus(probs, 1.0)[0])
+
+
+def test_top_p_sampling_frequencies_match_the_nucleus():
+    """20,000 draws from a 1,000-token distribution with a 12-token nucleus: each token's count lies within 5
+    standard deviations of its binomial mean (n q, sqrt(n q (1 - q))) under Meta's nucleus probabilities q;
+    tokens outside the nucleus are never drawn."""
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(1000, generator=g) * 3, dim=-1)
+    ids, q = reference_top_p_nucleus(probs[None], 0.8)[0]
+    n, counts = 20_000, torch.zeros(1000)
+    for _ in range(10):
+        counts += torch.bincount(llama31.sample_top_p(probs.expand(2000, -1).clone(), 0.8, g), minlength=1000)
+    assert set(counts.nonzero().flatten().tolist()) <= set(ids.tolist())
+    assert (counts[ids] - n * q).abs().le(5 * (n * q * (1 - q)).sqrt()).all(), (counts[ids], n * q)
+
+
 def test_chat_completion_uses_meta_dialog_tokens(llama):
 
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
@@ -740,6 +798,8 @@ def test_convert_meta_to_hf_and_back(tmp_path, tiny_ckpt, llama):
     from transformers import LlamaForCausalLM
     r = run_cli("convert", "--ckpt_dir", str(tiny_ckpt), "--out_dir", str(tmp_path / "hf"), "--to", "hf")
     assert r.returncode == 0, r.stderr
+    assert re.fullmatch(rf"wrote {tmp_path / 'hf'}: config.json \([\d.]+ MB\), model.safetensors \([\d.]+ MB\), "
+                        r"tokenizer.model \([\d.]+ MB\)\n", r.stderr), r.stderr
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens = random_tokens(2, 24, seed=6)
     with torch.no_grad():
@@ -754,6 +814,25 @@ def test_convert_meta_to_hf_and_back(tmp_path, tiny_ckpt, llama):
     params = llama31.ModelArgs.from_params(json.loads((tmp_path / "meta" / "params.json").read_text()))
     assert params.hidden_dim == tiny_args().hidden_dim
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directory left
+    # every file as open() makes one (0644 under umask 022): safetensors' own save_file writes 0600
+    modes = {f"{d}/{p.name}": p.stat().st_mode & 0o777 for d in ("hf", "meta") for p in (tmp_path / d).iterdir()}
+    assert len(modes) == 6 and set(modes.values()) == {0o666 & ~current_umask()}, modes
+
+
+def test_convert_writes_metas_params_for_each_published_shape():
+    """meta_ffn_args gives the multiple_of / ffn_dim_multiplier of Meta's own params.json for each published
+    SwiGLU width (a Hugging Face config has only the width), not just a pair that gives the same width."""
+    published = {  # dim: (intermediate_size, Meta's params.json)
+        4096: (14336, dict(multiple_of=1024, ffn_dim_multiplier=1.3)),  # Llama 3.1 8B
+        8192: (28672, dict(multiple_of=4096, ffn_dim_multiplier=1.3)),  # Llama 3.1 70B
+        16384: (53248, dict(multiple_of=4096, ffn_dim_multiplier=1.2)),  # Llama 3.1 405B
+        2048: (8192, dict(multiple_of=256, ffn_dim_multiplier=1.5)),  # Llama 3.2 1B
+        3072: (8192, dict(multiple_of=256, ffn_dim_multiplier=1.0)),  # Llama 3.2 3B
+    }
+    for dim, (width, params) in published.items():
+        assert llama31.meta_ffn_args(dim, width) == params, dim
+        assert llama31.ModelArgs(dim=dim, n_heads=1, **params).hidden_dim == width
+    assert llama31.meta_ffn_args(4096, 11008) == dict(multiple_of=256, ffn_dim_multiplier=None)  # no preset: search
 
 
 def test_hf_checkpoint_errors(tmp_path):
@@ -981,6 +1060,7 @@ def test_export_to_hugging_face_matches_transformers(saved, tmp_path):
 EXPORT_MEMORY = """
 import sys, threading, time
 import llama31
+import torch._dynamo  # code, not data: DCP's load imports it on first use (llama31's own import no longer does)
 peak, base, done = [0], [0], []
 def rss_anon():  # the process's own memory (file pages, such as a memory-mapped scratch file, not counted)
     return int(next(l for l in open("/proc/self/status") if l.startswith("RssAnon")).split()[1]) * 1024
@@ -1571,6 +1651,25 @@ def test_forward_loss_without_inner_bos_is_plain_causal_cross_entropy():
     assert torch.allclose(model.forward_loss(packed, y_rows01), plain01, rtol=0, atol=1e-5)
 
 
+def test_linear_cross_entropy_in_place_equals_the_compiled_form(monkeypatch):
+    """Eager, the gradients are made in place in the logits (no 0.5 GB copies per chunk); compiled, out of
+    place: the same elementwise operations, so the same bits."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(300, 64, generator=g, requires_grad=True)
+    w = (torch.randn(VOCAB, 64, generator=g) * 0.05).requires_grad_()
+    t = torch.randint(0, VOCAB, (300,), generator=g)
+    t[::7] = llama31.IGNORE_INDEX
+
+    def loss_and_grads():
+        h.grad = w.grad = None
+        loss = llama31.LinearCrossEntropy.apply(h, w, t, llama31.IGNORE_INDEX, 128, True)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+    eager = loss_and_grads()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the branch a compiled model takes
+    assert all(torch.equal(a, b) for a, b in zip(eager, loss_and_grads()))
+
+
 @pytest.mark.parametrize("chunk", [7, 50, 4096])
 def test_linear_cross_entropy_equals_cross_entropy_of_the_logits(chunk):
     g = torch.Generator().manual_seed(0)
@@ -1604,6 +1703,22 @@ def packed_batch(B: int, T: int, seed: int):
         starts = torch.randperm(T - 1, generator=g)[:5] + 1
         x[row, 0], x[row, starts] = BOS, BOS
     return x, y
+
+
+def test_document_mask_stays_eager_in_a_compiled_model(monkeypatch):
+    """document_mask runs eagerly inside torch.compile (its torch.compiler.disable is applied when a compiled
+    model calls it, not at import), and the compiled loss equals the eager one."""
+    calls, mask = [], llama31.document_mask.__wrapped__
+
+    def recording_mask(*args, **kwargs):
+        calls.append(torch.compiler.is_compiling())
+        return mask(*args, **kwargs)
+    monkeypatch.setattr(llama31, "document_mask", llama31.eager(recording_mask))
+    model = tiny_model(seed=0)
+    x, y = packed_batch(2, 32, seed=0)
+    want = model(x, targets=y)
+    got = torch.compile(model, backend="eager")(x, targets=y)  # dynamo's graph capture, no code generation
+    assert calls == [False, False] and torch.equal(got, want)
 
 
 def loss_and_grads(model, x, y, device):
@@ -1870,6 +1985,48 @@ def fresh_loader_states(train_data: str, steps: int, world: int) -> list:
 def assert_same_weights(a: Path, b: Path):
     wa, wb = checkpoint_weights(a), checkpoint_weights(b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_trims_the_log_to_the_resumed_step_and_loss_png_follows(init_ckpt, train_data, tmp_path):
+    """A run stopped after logging steps it never saved (and half a line) resumes from its last checkpoint
+    with a log.jsonl equal to the uninterrupted run's; out_dir/loss.png is drawn at each eval."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    kw = dict(max_steps=6, save_every=3, learning_rate=3e-3, val_data=train_data, val_every=2, val_steps=1)
+    llama31.train(**train_kwargs(init_ckpt, train_data, a_dir, **kw))
+    assert (a_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    shutil.copytree(a_dir / "step_000003", b_dir / "step_000003")
+    logged = (a_dir / "log.jsonl").read_text().splitlines(keepends=True)
+    up_to_5 = [line for line in logged if json.loads(line)["step"] <= 5]
+    (b_dir / "log.jsonl").write_text("".join(up_to_5) + '{"step": 6, "lo')  # killed mid-line
+    llama31.train(**train_kwargs(init_ckpt, train_data, b_dir, resume=True, **kw))
+
+    def fields(records):
+        return [(r["step"], r.get("loss"), r.get("val_loss"), r.get("lr")) for r in records]
+    assert fields(log_records(b_dir)) == fields(log_records(a_dir))  # bitwise on the CPU
+    assert [r["step"] for r in log_records(b_dir)] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
+
+
+def test_train_defaults_and_start_checks(init_ckpt, train_data, tmp_path, capsys):
+    """From scratch the default peak learning rate is 3e-4 (one that trains), finetuning keeps 3e-5; a val
+    split too small for one step is skipped with a warning and the run goes on; a run that fails to start
+    leaves no new empty --out_dir; samples print as plain text."""
+    tiny_val = tmp_path / "val_000000.bin"
+    llama31.write_shard(tiny_val, np.arange(B * T, dtype=np.uint32))  # one token short of one step
+    kw = dict(max_steps=1, warmup_steps=0, learning_rate=None)  # no warmup: step 1 runs at the peak
+    llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "scratch", ckpt_dir=None, model="tiny",
+                                 val_data=str(tiny_val), **kw))
+    assert "warning: no val loss: data shard(s) " + str(tiny_val) in capsys.readouterr().err
+    assert [r.get("lr") for r in log_records(tmp_path / "scratch")] == [llama31.FROM_SCRATCH_LR]
+    llama31.train(**train_kwargs(init_ckpt, train_data, tmp_path / "finetune", sample_every=1, sample_len=6, **kw))
+    assert [r.get("lr") for r in log_records(tmp_path / "finetune")] == [llama31.FINETUNE_LR] == [3e-5]
+    llama = llama31.Llama.build(str(init_ckpt), max_seq_len=T, max_batch_size=1, device="cpu")
+    first = llama.text_completion(["The"], torch.Generator().manual_seed(1337), temperature=0.8, top_p=0.95,
+                                  max_gen_len=6)[0]["generation"]
+    out = capsys.readouterr().out
+    assert ("  sample: The" + first.replace("\n", "\n          ") + "\n") in out  # not its repr
+    with pytest.raises(FileNotFoundError):
+        llama31.train(**train_kwargs(init_ckpt, str(tmp_path / "none_*.bin"), tmp_path / "new" / "run", **kw))
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
@@ -3078,7 +3235,8 @@ def chat_transcript(llama) -> str:
     second = llama.chat_completion([[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                      first, {"role": "user", "content": "And then?"}]],
                                    temperature=0, max_gen_len=4)[0]["generation"]
-    return f"user> assistant> {first['content']}\nuser> assistant> {second['content']}\nuser> "
+    # at the end of input the chat ends on a new line
+    return f"user> assistant> {first['content']}\nuser> assistant> {second['content']}\nuser> \n"
 
 
 def test_cli_chat_multi_turn(tiny_ckpt, llama):
@@ -3093,7 +3251,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     llama31.demo(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"), max_steps=3, device="cpu")
     out = capsys.readouterr().out
     assert (tmp_path / "data" / "train_000000.bin").exists() and (tmp_path / "data" / "val_000000.bin").exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export_000003", "log.jsonl", "step_000003"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["export_000003", "log.jsonl", "loss.png",
+                                                                    "step_000003"]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert len(losses) == 3 and losses[0] == pytest.approx(math.log(128256), abs=0.1)
@@ -3111,7 +3270,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_cli_bad_flag_value(tiny_ckpt):
     r = run_cli("sample", "--ckpt_dir", str(tiny_ckpt), "--top_p", "2", "--device", "cpu", "--max_seq_len", "64")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "top_p=2 must be in (0, 1]" in r.stderr
+    assert "top_p=2.0 must be in (0, 1]" in r.stderr
 
 
 def test_cli_bad_checkpoint_file_is_a_one_line_error(cli):
@@ -3150,7 +3309,7 @@ def test_train_cli_bad_flag_is_one_line_error(init_ckpt, train_data, tmp_path, f
 
 def test_out_dir_that_is_a_file_is_a_clear_error_before_training(cli):
     r, blocker = cli["out_dir_is_a_file"]
-    assert_one_line_error(r, str(blocker))
+    assert_one_line_error(r, f"--out_dir {blocker}: {blocker} is a file, not a directory")
     assert "model " not in r.stderr  # nothing loaded, nothing trained
     assert blocker.read_text() == "not a directory"
 
@@ -3453,6 +3612,301 @@ def test_gpu_quantized_compiled_greedy_equals_eager_and_cpu(quant_ckpts, quantiz
     ours, ref = eager.model(tokens.cuda()).cpu(), built(quant_ckpts["meta"], quantize).model(tokens)
     # int4 on the GPU computes in bf16 (the kernel's only dtype): bf16 against float32, as for the bf16 model
     assert ((ours - ref).norm() / ref.norm()).item() < (2e-2 if quantize == "int4" else 1e-5)
+
+
+# CLI: flags checked against each command's signature before any work, strings verbatim, help, chat keys,
+# pipes, plot
+
+
+def test_cli_flags_are_checked_against_the_signature_before_any_work():
+    parse = llama31.parse_command_line
+    errors = {
+        ("train", "--max_steps", "3", "--save_evry", "1"): "--save_evry: unknown flag; did you mean --save_every?",
+        ("train", "--max_step", "2"): "--max_step: unknown flag; did you mean --max_steps?",
+        ("sample", "--ckpt_dir", "c", "--promt", "hi"): "--promt: unknown flag; did you mean --prompt?",
+        ("smaple",): "'smaple' is not a command; did you mean sample?",
+        ("sample",): "--ckpt_dir is required",
+        ("sample", "c", "--seed", "1.5"): "--seed '1.5': expected an integer",
+        ("sample", "c", "--top_p", "nan"): "--top_p 'nan': expected a finite number",
+        ("sample", "c", "--temperature", "warm"): "--temperature 'warm': expected a number",
+        ("sample", "c", "--compile=maybe"): "--compile 'maybe': expected true or false",
+        ("sample", "c", "--prompt"): "--prompt needs a value",
+        ("sample", "c", "--prompt", "--help"): "--prompt needs a value (write --prompt=VALUE",
+        ("sample", "c", "a prompt"): "unexpected argument 'a prompt'",  # fire would make it --prompt
+        ("train", "data/train_000000.bin"): "unexpected argument",  # fire would make it --ckpt_dir
+        ("sample", "-p", "hi"): "-p: unknown flag",  # no one-letter shortcuts (fire's -p, -s, -c, -e)
+    }
+    for argv, message in errors.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse(list(argv))
+    ok = {
+        ("sample", "c", "--prompt=Hello, world", "--compile", "--temperature", "0"):
+            {"ckpt_dir": "c", "prompt": "Hello, world", "compile": True, "temperature": 0.0},
+        ("sample", "--ckpt_dir=c", "--nocompile", "--echo", "false", "--max-seq-len", "64", "--top_p", "1"):
+            {"ckpt_dir": "c", "compile": False, "echo": False, "max_seq_len": 64, "top_p": 1.0},
+        ("train", "--sample_prompts", "a, b", "--sample_prompts", "None", "--fsdp", "None", "--learning_rate", "1e-3"):
+            {"sample_prompts": ("a, b", "None"), "fsdp": None, "learning_rate": 1e-3},
+        ("train", "--resume", "--nofsdp", "--val_data", ""): {"resume": True, "fsdp": False, "val_data": ""},
+        ("sample", "c", "--seed", "1", "--seed", "2"): {"ckpt_dir": "c", "seed": 2},  # the last one counts
+        ("prepare", "my file.txt", "--seed=-1"): {"inputs": "my file.txt", "seed": -1},
+        ("tinystories", "--val_fraction", "0.1"): {"val_fraction": 0.1},  # passed on to prepare
+        ("convert", "a", "b", "--", "--to"): None,  # after --, all positional: too many
+    }
+    for argv, flags in ok.items():
+        if flags is None:
+            with pytest.raises(ValueError, match="unexpected argument '--to'"):
+                parse(list(argv))
+            continue
+        assert parse(list(argv)) == (argv[0], [], flags)
+    assert parse(["plot", "out/a", "out b", "--out", "x.png"]) == ("plot", ["out/a", "out b"], {"out": "x.png"})
+    assert parse(["train", "--max_steps", "2", "-h"]) == ("train", None, None)
+    assert parse([]) == ("", None, None)
+
+
+def test_cli_unknown_flag_is_one_line_and_exit_2_before_anything_runs(tmp_path, tiny_ckpt):
+    results = run_cli_all({"train": ["train", "--max_steps", "3", "--save_evry", "1", "--out_dir", "run"],
+                           "sample": ["sample", "--ckpt_dir", tiny_ckpt, "--promt", "hi", "--device", "cpu"]},
+                          tmp_path, timeout=120)
+    assert_one_line_error(results["train"])
+    assert results["train"].stderr == "llama31: error: --save_evry: unknown flag; did you mean --save_every?\n"
+    assert results["sample"].stderr == "llama31: error: --promt: unknown flag; did you mean --prompt?\n"
+    assert results["sample"].stdout == "" and not (tmp_path / "run").exists()  # nothing loaded, nothing trained
+
+
+@pytest.fixture
+def cli_llama(monkeypatch, llama):
+    """Commands run in this process (main(argv)) get the module's tiny llama instead of loading one."""
+    monkeypatch.setattr(llama31.Llama, "build", lambda *args, **kwargs: llama)
+    return llama
+
+
+def main_in_process(argv: list, capsys) -> tuple[int, str, str]:
+    """main(argv) in this process: (exit code, stdout, stderr)."""
+    try:
+        llama31.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("prompt", ["Hello, world", "None", "[1, 2]", "True", "1e3", " two  spaces ", "-x", "a=b",
+                                    "{'k': 1}", "naïve 'quotes' \"and\" \\ back"])
+def test_cli_prompts_reach_the_model_verbatim(cli_llama, capsys, prompt):
+    """fire alone read "Hello, world" as a tuple and "None" as None; every string flag now arrives as typed."""
+    code, out, err = main_in_process(["sample", "--ckpt_dir", "c", f"--prompt={prompt}", "--temperature", "0",
+                               "--max_gen_len", "3"], capsys)
+    assert code == 0, err
+    assert out == prompt + cli_llama.text_completion([prompt], temperature=0, max_gen_len=3)[0]["generation"] + "\n"
+
+
+def test_cli_a_long_prompt_gets_the_length_error(cli_llama, capsys):
+    prompt = " ".join(["word"] * 2000)  # fire's ast.parse once died of MemoryError on this
+    code, out, err = main_in_process(["sample", "--ckpt_dir", "c", "--prompt", prompt], capsys)
+    assert code == 2 and out == ""  # refused before the prompt is echoed
+    assert err == "llama31: error: a prompt of 2001 tokens leaves no room to generate within max_seq_len=64; pass a " \
+                  "larger --max_seq_len or a shorter prompt\n"
+
+
+def test_cli_output_has_no_ansi_codes_outside_a_terminal(cli_llama, capsys):
+    code, out, _ = main_in_process(["sample", "--ckpt_dir", "c", "--max_gen_len", "3", "--temperature", "0"], capsys)
+    assert code == 0 and "The repo llm.c on GitHub is" in out and "\033" not in out
+
+
+def test_cli_help_describes_every_flag_with_its_default(capsys):
+    code, out, _ = main_in_process(["--help"], capsys)
+    assert code == 0 and all(f"\n  {name} " in out for name in llama31.COMMANDS)
+    for command, fn in llama31.COMMANDS.items():
+        code, out, err = main_in_process([command, "--help"], capsys)
+        assert code == 0 and err == ""
+        description, meanings = llama31.docstring_parts(fn)
+        if command == "tinystories":
+            meanings |= llama31.docstring_parts(llama31.prepare)[1]
+        assert out.count(" ".join(description.split()[:6])) == 1  # once, not twice as fire printed it
+        assert "Returns" not in out and "Optional[" not in out
+        for name, p in llama31.command_flags(command).items():
+            assert meanings.get(name), f"{command} --{name} has no line in its docstring's Args:"
+            flag = name.upper() if p.kind is p.VAR_POSITIONAL else f"--{name}"
+            assert re.search(rf"^  {re.escape(flag)}\b", out, re.M), (command, name)
+    _, out, _ = main_in_process(["train", "--help"], capsys)
+    out = " ".join(out.split())  # the lines are wrapped to the terminal
+    assert "--max_steps INT" in out and "(default: 100)" in out and "presets: " + ", ".join(llama31.PRESETS) in out
+    assert "3e-5 to finetune a --ckpt_dir and 3e-4 from scratch" in out
+
+
+def test_cli_help_is_printed_not_paged(tmp_path):
+    """On a terminal fire's help opened $PAGER (less); ours prints and exits."""
+    import pty
+    master, slave = pty.openpty()
+    env = subprocess_env() | {"PAGER": f"touch {tmp_path / 'paged'}; cat"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "llama31.py"), "chat", "--help"], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, cwd=tmp_path)
+    os.close(slave)
+    out = read_pty_until(master, proc, lambda text: proc.poll() is not None, timeout=60)
+    assert proc.wait(timeout=30) == 0 and "usage: python llama31.py chat" in out and "--system TEXT" in out
+    assert not (tmp_path / "paged").exists()
+    os.close(master)
+
+
+def test_import_defers_what_only_some_commands_need():
+    """`import llama31` does not import torch._dynamo (torch.compiler.disable, torch.compile), fire or
+    matplotlib: they are imported where they are used."""
+    deferred = ["torch._dynamo", "fire", "matplotlib"]
+    code = f"import sys, llama31; print([m for m in {deferred!r} if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout == "[]\n", r.stderr
+
+
+def read_pty_until(master: int, proc: subprocess.Popen, done, timeout: float = 60, text: str = "") -> str:
+    """Read what the program writes to its terminal until done(text) holds (text: everything read so far)."""
+    import select
+    t0 = time.time()
+    while not done(text):
+        assert time.time() - t0 < timeout, text[-2000:]
+        if select.select([master], [], [], 0.05)[0]:
+            try:
+                text += os.read(master, 65536).decode(errors="replace")
+            except OSError:  # EIO: the program has closed the terminal, it is ending
+                proc.wait(timeout=30)
+                break
+    return text
+
+
+def test_chat_ctrl_c_stops_a_reply_and_leaves_at_the_prompt_ctrl_d_leaves(tmp_path, tiny_ckpt):
+    """On a real terminal (a pseudo-terminal), with Ctrl-C as the terminal sends it (SIGINT to the program):
+    mid-reply it stops the reply and the prompt comes back; /reset starts a new dialog; at the prompt Ctrl-C
+    leaves with exit code 0, no traceback. Ctrl-D (end of input) leaves too, the shell prompt on a line of
+    its own."""
+    import pty
+    argv = [sys.executable, str(HERE / "llama31.py"), "chat", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "2048",
+            "--max_gen_len", "2000", "--temperature", "1", "--device", "cpu"]
+    sessions = []
+    for _ in range(2):
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=subprocess_env(), cwd=tmp_path)
+        os.close(slave)
+        sessions.append((proc, master))
+    (proc, master), (proc2, master2) = sessions
+    text = read_pty_until(master, proc, lambda t: "user> " in t)
+    assert "/reset starts a new dialog" in text  # the keys are told on a terminal
+    os.write(master, b"Hi\n")
+    # a random model's reply runs to max_gen_len (2000 tokens): interrupt it once some of it has appeared
+    text = read_pty_until(master, proc, lambda t: "assistant> " in t and len(t.split("assistant> ")[1]) > 20, text=text)
+    os.kill(proc.pid, signal.SIGINT)
+    text = read_pty_until(master, proc, lambda t: t.count("user> ") == 2, text=text)
+    os.write(master, b"/reset\n")
+    text = read_pty_until(master, proc, lambda t: t.count("user> ") == 3, text=text)
+    assert "(a new dialog)" in text
+    os.kill(proc.pid, signal.SIGINT)
+    text = read_pty_until(master, proc, lambda t: proc.poll() is not None, text=text)
+    assert proc.wait(timeout=30) == 0 and "Traceback" not in text and "KeyboardInterrupt" not in text, text[-2000:]
+    assert text.endswith("user> \r\n")
+
+    text2 = read_pty_until(master2, proc2, lambda t: "user> " in t)
+    os.write(master2, b"\x04")  # Ctrl-D at the start of a line: end of input
+    text2 = read_pty_until(master2, proc2, lambda t: proc2.poll() is not None, text=text2)
+    assert proc2.wait(timeout=30) == 0 and text2.endswith("user> \r\n"), text2[-500:]
+    os.close(master)
+    os.close(master2)
+
+
+def test_chat_commands_and_a_stopped_reply_in_the_dialog(cli_llama, capsys, monkeypatch):
+    """/reset empties the dialog (the system prompt stays), empty lines are skipped, /exit and /quit leave;
+    a reply stopped by Ctrl-C stays in the dialog as far as it was shown; one stopped before its first
+    word takes the user's message with it."""
+    dialogs = []
+    real_completion, real_printer = cli_llama.chat_completion, llama31.stream_printer
+
+    def recording_completion(dialogs_, *args, **kwargs):
+        dialogs.append([dict(m) for m in dialogs_[0]])
+        return real_completion(dialogs_, *args, **kwargs)
+
+    interrupt_after = iter([3, 0, None, None])  # Ctrl-C after 3 tokens, then before the first, then never
+
+    def interrupting_printer(tokenizer):
+        printer, after, seen = real_printer(tokenizer), next(interrupt_after), [0]
+
+        def on_token(next_token, is_new):
+            if after is not None and seen[0] == after:
+                raise KeyboardInterrupt
+            seen[0] += 1
+            printer(next_token, is_new)
+        on_token.shown = printer.shown
+        return on_token
+    monkeypatch.setattr(cli_llama, "chat_completion", recording_completion)
+    monkeypatch.setattr(llama31, "stream_printer", interrupting_printer)
+    for leave in ("/quit", "/exit"):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(f"Hi\nHo\n\nAgain\n/reset\nNew\n{leave}\nnever read\n"))
+        dialogs.clear()
+        interrupt_after = iter([3, 0, None, None])
+        code, out, err = main_in_process(["chat", "--ckpt_dir", "c", "--system", "Be brief, ok?", "--max_gen_len", "8",
+                                   "--temperature", "0"], capsys)
+        assert code == 0, err
+        system = {"role": "system", "content": "Be brief, ok?"}
+        partial = out.split("assistant> ")[1].split("\n")[0]  # what was shown of the stopped first reply
+        assert len(dialogs) == 4 and dialogs[0] == [system, {"role": "user", "content": "Hi"}]
+        assert dialogs[1] == [*dialogs[0], {"role": "assistant", "content": partial}, {"role": "user", "content": "Ho"}]
+        assert dialogs[2] == [*dialogs[0], {"role": "assistant", "content": partial},
+                              {"role": "user", "content": "Again"}]  # "Ho" left with its unstarted reply
+        assert dialogs[3] == [system, {"role": "user", "content": "New"}]
+        assert out.count("user> ") == 7 and "(a new dialog)" in out and out.endswith("user> ")
+
+
+def test_cli_closed_pipe_ends_quietly(tmp_path, tiny_ckpt):
+    """`llama31.py sample ... | head -1`: once the reader has gone, exit 141 (as cat or yes would be, killed
+    by SIGPIPE) without "Broken pipe" or a traceback."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "llama31.py"), "sample", "--ckpt_dir", str(tiny_ckpt),
+                             "--prompt", "first line\nsecond", "--max_seq_len", "512", "--max_gen_len", "400",
+                             "--device", "cpu"], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"first line\n"
+    proc.stdout.close()  # as head -1 does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def write_log(run_dir: Path, steps: int, val_every: int, lr: float = 1e-3) -> Path:
+    run_dir.mkdir(parents=True)
+    records = []
+    for s in range(steps + 1):
+        if s % val_every == 0:
+            records.append({"step": s, "val_loss": 10.0 - s / 10})
+        if s < steps:
+            records.append({"step": s + 1, "loss": 11.0 - s / 10, "lr": lr, "norm": 1.0, "ms": 5.0,
+                            "tok_per_s": 1000.0 + s, "mfu": None})
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_plot_draws_train_and_val_loss_lr_and_tok_per_s_of_each_run(tmp_path, capsys):
+    a, b = write_log(tmp_path / "a", 10, 5), write_log(tmp_path / "b", 6, 3, lr=3e-4)
+    series = llama31.plot(str(a), str(b), out=str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert series[str(a)]["loss"] == (list(range(1, 11)), [11.0 - s / 10 for s in range(10)])
+    assert series[str(a)]["val_loss"] == ([0, 5, 10], [10.0, 9.5, 9.0])
+    assert [len(series[str(b)][k][0]) for k in ("loss", "val_loss", "lr", "tok_per_s")] == [6, 3, 6, 6]
+    assert series[str(b)]["lr"][1] == [3e-4] * 6
+    assert oct(os.stat(tmp_path / "loss.png").st_mode & 0o777) == oct(0o666 & ~current_umask())
+    assert capsys.readouterr().err == f"wrote {tmp_path / 'loss.png'}\n"
+    code, _, err = main_in_process(["plot", tmp_path / "missing"], capsys)
+    assert code == 2 and err == f"llama31: error: {tmp_path / 'missing' / 'log.jsonl'} does not exist: pass the " \
+                                "--out_dir of a train run\n"
+
+
+def test_plot_without_matplotlib_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else find_spec(name, *a))
+    code, _, err = main_in_process(["plot", write_log(tmp_path / "a", 2, 1)], capsys)
+    assert code == 2 and err == "llama31: error: plot needs matplotlib: pip install matplotlib\n"
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 # -----------------------------------------------------------------------------
