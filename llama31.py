@@ -240,6 +240,19 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def jsonl_records(path: Path, text: str):
+    """(line number, record) for each non-blank line of the text of jsonl file `path`, split at "\n" only:
+    str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from None
+        yield lineno, record
+
+
 def check_number(label: str, value, ok: Callable[[float], bool], what: str, integer: bool = False):
     """Raise ValueError(f"{label} must be {what}") unless value is a number (an int where integer) for which
     ok(value) holds. A bool is no number here, though Python counts it as an int."""
@@ -2541,14 +2554,7 @@ def read_documents(inputs) -> list:
         if path.suffix != ".jsonl":
             docs.append(text)
             continue
-        # split at "\n" only: str.splitlines() also breaks at U+2028 and U+0085, which JSON strings may hold
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from None
+        for lineno, record in jsonl_records(path, text):
             if isinstance(record, dict) and isinstance(record.get("text"), str):
                 docs.append(record["text"])
             elif isinstance(record, dict) and isinstance(record.get("messages"), list):
@@ -3302,13 +3308,7 @@ def read_log(run_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass the --out_dir of a train run")
     series = {key: ([], []) for key in LOG_SERIES}
-    for lineno, line in enumerate(path.read_text().split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from None
+    for _, record in jsonl_records(path, path.read_text()):
         for key, (steps, values) in series.items():
             if isinstance(record, dict) and isinstance(record.get(key), (int, float)):
                 steps.append(record["step"])
