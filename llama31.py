@@ -43,17 +43,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -1890,24 +1882,39 @@ def check_dcp_metadata(path: Path):
             pushed.append(None)
 
 
-class CheckpointReader(FileSystemReader):
-    """DCP's file reader, checking the .metadata pickle before DCP unpickles it (once per reader: export reads
-    a checkpoint with one reader, a tensor per dcp.load)."""
-    checked = False
+@functools.cache
+def dcp_io() -> tuple[type, type]:
+    """DCP's file reader and load planner, made safe; defined on first use, since importing
+    torch.distributed.checkpoint would cost every command half a second."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-    def read_metadata(self, *args, **kwargs):
-        if not self.checked:
-            check_dcp_metadata(Path(self.path) / DCP_METADATA)
-            self.checked = True
-        return super().read_metadata(*args, **kwargs)
+    class CheckpointReader(FileSystemReader):
+        """Checks the .metadata pickle before DCP unpickles it (once per reader: export reads a checkpoint
+        with one reader, a tensor per dcp.load)."""
+        checked = False
+
+        def read_metadata(self, *args, **kwargs):
+            if not self.checked:
+                check_dcp_metadata(Path(self.path) / DCP_METADATA)
+                self.checked = True
+            return super().read_metadata(*args, **kwargs)
+
+    class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
+        """Refuses pickled objects (DCP would unpickle them with weights_only=False)."""
+
+        def load_bytes(self, read_item, value):
+            raise ValueError(f"{read_item.dest_index.fqn} is a pickled object, but a training checkpoint holds "
+                             "only tensors: refused unread")
+    return CheckpointReader, TensorsOnlyLoadPlanner
 
 
-class TensorsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP's load planner, refusing pickled objects (DCP would unpickle them with weights_only=False)."""
+def checkpoint_reader(path):
+    return dcp_io()[0](path)
 
-    def load_bytes(self, read_item, value):
-        raise ValueError(f"{read_item.dest_index.fqn} is a pickled object, but a training checkpoint holds only "
-                         "tensors: refused unread")
+
+def tensors_only_planner(**kwargs):
+    return dcp_io()[1](**kwargs)
 
 
 @contextlib.contextmanager
@@ -1915,6 +1922,7 @@ def dcp_errors(ckpt_dir: Path):
     """DCP wraps each rank's failure in a CheckpointException, a BaseException that the CLI's one-line errors
     would miss: raise the first underlying one instead (an OSError as it is, the rest as a ValueError naming
     the checkpoint)."""
+    from torch.distributed.checkpoint.api import CheckpointException
     try:
         yield
     except CheckpointException as e:
@@ -1927,6 +1935,7 @@ def dcp_errors(ckpt_dir: Path):
 def non_finite_anywhere(weights: dict, group: Optional[dist.ProcessGroup]) -> Optional[list]:
     """None if the weights are finite on every rank (under FSDP each checks its own shards); else the names of
     this rank's non-finite ones (empty if only another rank's are). Every rank gets the same verdict."""
+    from torch.distributed.tensor import DTensor
     bad = non_finite_keys({k: v.to_local() if isinstance(v, DTensor) else v for k, v in weights.items()})
     count = torch.tensor(len(bad))
     if group is not None:
@@ -1937,6 +1946,7 @@ def non_finite_anywhere(weights: dict, group: Optional[dist.ProcessGroup]) -> Op
 def trained_weights(model: nn.Module, adapters_only: bool = False) -> dict:
     """The model's state dict (FSDP: this rank's DTensor shards), or with adapters_only a LoRA run's adapters
     alone: the frozen base, whether bf16 weights or QLoRA's int4 buffers, is --ckpt_dir's and never saved."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     weights = get_model_state_dict(model)
     return {k: v for k, v in weights.items() if ".lora_" in k} if adapters_only else weights
 
@@ -1946,6 +1956,7 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int
     """What a training checkpoint holds, as DCP saves it and loads into it in place (see above). Under FSDP
     the weights and moments are DTensors, of which each rank holds and writes its own shards.
     adapters_only: a LoRA run's (the adapters; AdamW holds nothing else)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     weights = trained_weights(model, adapters_only)
     if model.params.tie_word_embeddings and not adapters_only:
         del weights["output.weight"]  # the embedding again; load ties it back
@@ -1959,9 +1970,11 @@ def load_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.
     """Load a training checkpoint saved by any number of processes into this rank's model and optimizer (FSDP:
     its shards); adapters_only: a LoRA run's, into the adapters. Returns the train state: step, shard,
     position."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
     state = training_state(model, optimizer, adapters_only=adapters_only)
     with dcp_errors(ckpt_dir):  # (DCP fails on any tensor of state that the checkpoint lacks)
-        dcp.load(state, storage_reader=CheckpointReader(ckpt_dir), planner=TensorsOnlyLoadPlanner(),
+        dcp.load(state, storage_reader=checkpoint_reader(ckpt_dir), planner=tensors_only_planner(),
                  process_group=group)
     weights = state["model"]
     if model.params.tie_word_embeddings and not adapters_only:
@@ -2010,6 +2023,7 @@ class Checkpointer:
 
     def __init__(self, out_dir: Path, async_save: Optional[bool] = None, keep_last: Optional[int] = None,
                  device: torch.device = torch.device("cpu")):
+        from torch.distributed.checkpoint import FileSystemWriter
         if async_save is None:
             # on by default on GPUs: the pause is then a copy to pinned host memory at tens of GB/s instead of a
             # write to disk at a few; on the CPU the copy itself is most of a save, and the writer thread
@@ -2036,6 +2050,8 @@ class Checkpointer:
         format, bf16). Asynchronous unless blocking or async_save is off. adapter: a LoRA run's adapter.json;
         the checkpoint then holds the adapters alone, and adapter.json instead of params.json and
         tokenizer.model (a LoRA checkpoint has no export: `merge` makes the model)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import FileSystemWriter
         if adapter is not None and export_to is not None:
             raise ValueError("a LoRA checkpoint holds adapters, not a model to export: merge it into its base")
         self.wait()  # one save at a time: its host buffers and the gloo group are in use until it is done
@@ -2117,6 +2133,8 @@ def read_training_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, Chec
     for: whole, on the CPU in its saved dtype, from the chunks that every rank's file holds of it (in this one
     process). Shapes and dtypes come from DCP's metadata, checked first against the model params.json
     describes. Llama.build, convert, train --ckpt_dir and export read a training checkpoint so."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "adapter.json").exists():
         raise ValueError(f"{ckpt_dir} holds LoRA adapters, not a model: merge them into the base they were "
@@ -2128,7 +2146,7 @@ def read_training_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, Chec
     if not (ckpt_dir / "params.json").is_file():
         raise FileNotFoundError(f"{ckpt_dir} has DCP's {DCP_METADATA} but no params.json: not a checkpoint of train")
     args = ModelArgs.from_params(read_json(ckpt_dir / "params.json"), str(ckpt_dir / "params.json"), **runtime)
-    reader = CheckpointReader(ckpt_dir)  # one reader: the metadata pickle is checked once
+    reader = checkpoint_reader(ckpt_dir)  # one reader: the metadata pickle is checked once
     metadata = reader.read_metadata()
     with torch.device("meta"):
         expected = Transformer(args).state_dict()
@@ -2147,7 +2165,7 @@ def read_training_checkpoint(ckpt_dir: Path, **runtime) -> tuple[ModelArgs, Chec
         t = torch.empty(index[name].size, dtype=index[name].properties.dtype)
         with dcp_errors(ckpt_dir):
             dcp.load({"model": {name: t}}, storage_reader=reader,
-                     planner=TensorsOnlyLoadPlanner(allow_partial_load=True), no_dist=True)
+                     planner=tensors_only_planner(allow_partial_load=True), no_dist=True)
         return t if dim is None else t.narrow(dim, start, stop - start)
     return args, CheckpointWeights({k: md.size for k, md in index.items()},
                                    {k: md.properties.dtype for k, md in index.items()}, read)
@@ -2291,6 +2309,8 @@ def save_lora_checkpoint(out_dir: Path, lora: LoRAArgs, base: dict, adapters: di
     """A step directory of adapters alone (adapter.json naming base, its base_path and base_fingerprint, and the
     adapters as DCP shards) in the format train's LoRA checkpoints have, less AdamW's state and the data
     position: what `merge` and --lora_dir read. It appears whole or not at all, never over an existing one."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; a checkpoint is never overwritten")
@@ -2339,12 +2359,14 @@ def check_lora_base(config: dict, fingerprint: str, lora_dir: Path, base_dir):
 def read_lora_checkpoint(lora_dir: Path) -> tuple[LoRAArgs, dict, dict]:
     """(the adapters' LoRAArgs, adapter.json, the adapters: float32, whole, on the CPU) of a LoRA run's step
     directory, saved by any number of processes; its AdamW state and data position (--resume's) are not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     lora_dir = Path(lora_dir)
     lora, config = read_adapter_config(lora_dir)
     if not is_training_checkpoint(lora_dir):
         raise FileNotFoundError(f"--lora_dir {lora_dir} has adapter.json but no {DCP_METADATA}: not a checkpoint "
                                 "of train --lora_rank (whose adapters are DCP shards)")
-    reader = CheckpointReader(lora_dir)  # one reader: the metadata pickle is checked once
+    reader = checkpoint_reader(lora_dir)  # one reader: the metadata pickle is checked once
     sd = {}
     for key, md in reader.read_metadata().state_dict_metadata.items():
         if key.startswith("model."):
@@ -2352,7 +2374,7 @@ def read_lora_checkpoint(lora_dir: Path) -> tuple[LoRAArgs, dict, dict]:
                 raise ValueError(f"{lora_dir}: {key} is not a tensor")
             sd[key.removeprefix("model.")] = torch.empty(md.size, dtype=md.properties.dtype)
     with dcp_errors(lora_dir):
-        dcp.load({"model": sd}, storage_reader=reader, planner=TensorsOnlyLoadPlanner(allow_partial_load=True),
+        dcp.load({"model": sd}, storage_reader=reader, planner=tensors_only_planner(allow_partial_load=True),
                  no_dist=True)
     return lora, config, sd
 

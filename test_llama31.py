@@ -2502,7 +2502,7 @@ def test_lora_training_starts_at_the_base_loss_and_saves_only_the_adapters(init_
     assert len(adapters) == 2 * 7 * 2 and all(v.dtype == torch.float32 for v in adapters.values())
     assert all(adapters[k].abs().max() > 0 for k in adapters if "lora_b" in k)  # B has left zero
     # every tensor the checkpoint holds: the adapters, AdamW's state of them alone, the step and data position
-    saved = llama31.CheckpointReader(step).read_metadata().state_dict_metadata
+    saved = llama31.checkpoint_reader(step).read_metadata().state_dict_metadata
     moments = {f"optimizer.{k}.{m}" for k in adapters for m in ("step", "exp_avg", "exp_avg_sq")}
     assert saved.keys() == {f"model.{k}" for k in adapters} | moments | {"train.step", "train.shard",
                                                                          "train.position"}
