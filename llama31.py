@@ -1632,6 +1632,13 @@ def hf_permute(w: torch.Tensor, n_heads: int, inverse: bool = False) -> torch.Te
     return w.view(n_heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def hf_layout(meta_name: str, w: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Weight meta_name of Meta's layout in Hugging Face's: wq and wk rows permuted to rotate-half pairs."""
+    if meta_name.endswith(("wq.weight", "wk.weight")):
+        return hf_permute(w, args.n_heads if "wq" in meta_name else args.n_kv_heads)
+    return w
+
+
 def meta_ffn_args(dim: int, width: int) -> dict:
     """The multiple_of / ffn_dim_multiplier of Meta's published models that give this SwiGLU width, so
     a converted params.json reads right in Meta's code too: a published shape's own values (Meta's
@@ -1803,9 +1810,7 @@ def save_hf_checkpoint(model: Transformer, out_dir: Path, tokenizer_path: Path):
     for k, v in model.state_dict().items():
         if k == "output.weight" and model.params.tie_word_embeddings:
             continue  # transformers ties lm_head to the embedding itself
-        if k.endswith(("wq.weight", "wk.weight")):
-            v = hf_permute(v, model.params.n_heads if "wq" in k else model.params.n_kv_heads)
-        hf[hf_name(k)] = v.contiguous()
+        hf[hf_name(k)] = hf_layout(k, v, model.params).contiguous()
     write_dir_atomically(out_dir, {
         "config.json": lambda p: p.write_text(json.dumps(hf_config(model.params, model.output.weight.dtype),
                                                            indent=2)),
@@ -2257,11 +2262,7 @@ def export(ckpt_dir: str, out_dir: str, to: str = "meta", dtype: str = "bfloat16
         meta_name = {hf_name(k): k for k in names}
 
         def hf_weight(key: str) -> torch.Tensor:
-            k = meta_name[key]
-            w = weight(k)
-            if k.endswith(("wq.weight", "wk.weight")):
-                w = hf_permute(w, args.n_heads if "wq" in k else args.n_kv_heads)
-            return w
+            return hf_layout(meta_name[key], weight(meta_name[key]), args)
         layout = {hf_name(k): (weights.shapes[k], dtype) for k in names}
         files = {"config.json": lambda p: p.write_text(json.dumps(hf_config(args, dtype), indent=2)),
                  "model.safetensors": lambda p: save_safetensors_streamed(p, layout, hf_weight, {"format": "pt"})}
