@@ -657,10 +657,76 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.clamp(0, 15).to(torch.uint8).view(n, k), scales_and_zeros
 
 
+# A decode step multiplies a few rows of activations (one per sequence) by each weight matrix: its time is the
+# time to read the weights. PyTorch has no fast product with int8 weights on CUDA (aten._weight_int8pack_mm
+# reads at 2% of an H200's bandwidth), and gpt-fast's route, F.linear on weight.to(bf16) left to inductor,
+# made 8B decode read at 40% of it, barely faster than bf16 through cuBLAS. This Triton kernel (Triton comes
+# with PyTorch's CUDA builds) reads each int8 weight once: a program owns BLOCK_N output channels and walks
+# along k, BLOCK_K weights of each row at a time, summing in float32; the scales are applied at the end and
+# the result rounded once to x's dtype. It takes up to INT8_MATVEC_ROWS rows (decode); a prefill's matmuls are
+# large enough for cuBLAS to pay for the bf16 copy (F.linear in Int8Linear.forward).
+INT8_MATVEC_ROWS = 16
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # in PyTorch's CUDA builds for Linux, not Windows'
+
+
+@functools.cache
+def int8_matvec_kernel(block_m: int):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(x_ptr, w_ptr, scales_ptr, y_ptr, m, n, k,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output channels
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * k + ks[None, :], mask=(rows[:, None] < m) & (ks[None, :] < k),
+                        other=0.0)  # (BLOCK_M, BLOCK_K)
+            w = tl.load(w_ptr + cols[:, None] * k + ks[None, :], mask=(cols[:, None] < n) & (ks[None, :] < k),
+                        other=0)  # (BLOCK_N, BLOCK_K) int8
+            if BLOCK_M == 1:  # one row: products and a sum along k
+                acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+            else:  # up to 16 rows: the tensor cores' product, exact for int8 weights in bf16 or fp16
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        y = acc * tl.load(scales_ptr + cols, mask=cols < n, other=0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * n + cols[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < m) & (cols[None, :] < n))
+
+    # candidate tile shapes, timed once per matrix shape on first use (triton.autotune)
+    # (the fastest of a sweep at 8B's five shapes on an H200: long runs along k, few rows a program)
+    if block_m == 1:
+        tiles = [(2, 2048, 2), (2, 2048, 4), (4, 2048, 4), (8, 2048, 4), (4, 1024, 2), (8, 512, 4)]
+    else:
+        tiles = [(32, 512, 2), (32, 512, 4), (64, 512, 4), (32, 256, 4), (64, 256, 2), (128, 256, 4)]
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in tiles]
+    return triton.autotune(configs, key=["n", "k"])(kernel)
+
+
+@torch.library.custom_op("llama31::int8_matvec", mutates_args=())
+def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (m, k) bf16 or fp16 with m <= INT8_MATVEC_ROWS, weight (n, k) int8, scales (n,) -> x weight^T scales
+    (m, n) in x's dtype, on a CUDA device."""
+    (m, k), n = x.shape, weight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 1 if m == 1 else 16
+    int8_matvec_kernel(block_m)[lambda meta: (-(-n // meta["BLOCK_N"]),)](
+        x.contiguous(), weight, scales, y, m, n, k, BLOCK_M=block_m)
+    return y
+
+
+@int8_matvec.register_fake
+def _(x, weight, scales):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 class Int8Linear(nn.Module):
     """A linear layer of int8 weights (out_features, in_features) with one bf16 scale per output channel,
-    computed in the input's dtype. Compiled, the int8 -> bf16 conversion fuses into the matmul, which then
-    reads one byte per weight. `sources` name the float weights it stacks, beside it in its parent module."""
+    computed in the input's dtype. On a CUDA device a few rows (decode) go through int8_matvec, which reads
+    one byte a weight and rounds once; otherwise, and on the CPU (the reference the kernel is tested
+    against), F.linear on the weights in x's dtype, then the scales. `sources` name the float weights it
+    stacks, beside it in its parent module."""
 
     def __init__(self, in_features: int, out_features: int, sources: tuple):
         super().__init__()
@@ -677,6 +743,10 @@ class Int8Linear(nn.Module):
         return {"weight": q, "scales": scales}
 
     def forward(self, x):
+        rows = x.numel() // self.in_features
+        if x.is_cuda and HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT8_MATVEC_ROWS:
+            y = int8_matvec(x.reshape(rows, self.in_features), self.weight, self.scales)
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -1119,10 +1189,7 @@ class Llama:
         # its matmuls are large enough to run at full speed without compilation)
         self.decode = decode_one_token
         if compile:
-            # int8 weights: with coordinate-descent tuning inductor turns each one-row matmul into a kernel that
-            # converts the int8 weights as it reads them (gpt-fast's setting), not a bf16 copy then cuBLAS
-            int8 = any(isinstance(m, Int8Linear) for m in model.modules())
-            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": int8}  # cudagraphs: reduce-overhead
+            options = {"triton.cudagraphs": True}  # mode="reduce-overhead"
             self.decode = torch.compile(decode_one_token, fullgraph=True, options=options)
 
     @staticmethod

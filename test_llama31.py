@@ -3599,6 +3599,28 @@ def test_gpu_int4_kernel_equals_the_cpu_reference_and_quantizing_is_device_indep
 
 
 @cuda
+def test_gpu_int8_kernel_is_within_one_rounding_of_the_exact_product_and_compiles():
+    g = torch.Generator().manual_seed(3)
+    # decode's rows (1, a batch, the most the kernel takes), ragged shapes (masked tiles) and an 8B shape
+    for m, n, k in ((1, 4096, 4096), (5, 4096, 4096), (16, 6144, 4096), (1, 70, 300), (3, 70, 300)):
+        for dtype, u in ((torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)):  # unit roundoff of the result
+            layer = llama31.Int8Linear(k, n, ("w",)).cuda()
+            for key, v in layer.quantize(torch.randn(n, k, generator=g).cuda() * 0.02).items():
+                setattr(layer, key, v)
+            x = torch.randn(m, k, generator=g).to(dtype).cuda()
+            got = layer(x).double()
+            exact = (x.double() @ layer.weight.double().t()) * layer.scales.double()
+            # one rounding of the float32 sum to x's dtype (u |y|) and float32's own rounding over k terms,
+            # each at most 2^-24 k of the sum of |x w s|
+            bound = u * exact.abs() + k * 2 ** -24 * (x.double().abs() @ layer.weight.double().abs().t()) * \
+                layer.scales.double()
+            assert ((got - exact).abs() <= bound).all(), (m, n, k, dtype)
+    compiled = torch.compile(layer, fullgraph=True, options={"triton.cudagraphs": True})
+    for _ in range(3):  # recorded, then replayed: the same kernel, bitwise
+        assert torch.equal(compiled(x), layer(x))
+
+
+@cuda
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_gpu_quantized_compiled_greedy_equals_eager_and_cpu(quant_ckpts, quantize):
     kw = dict(max_seq_len=SEQ, max_batch_size=BATCH, dtype="float32", quantize=quantize, group_size=GROUP)
