@@ -610,6 +610,9 @@ QUANTIZE_CHOICES = ("int8", "int4")
 # harder target: torchao's Llama 3.1 8B int4 numbers (1.90x bf16's speed, perplexity 7.54 -> 8.44) are for 64.
 INT4_GROUP_SIZE = 64
 TINY_SCALE = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group, which stays zero
+# Loading quantizes a matrix this many rows at a time (each row's numbers depend on that row alone), so its
+# float32 temporaries are those of 4,096 rows, not of the matrix: 70B's output layer is 4.2 GB in float32
+QUANTIZE_ROWS = 4096
 
 
 def check_quantize(quantize: Optional[str], group_size: int):
@@ -736,11 +739,12 @@ class Int8Linear(nn.Module):
         self.rows_split = False  # tensor parallelism's wo and w2: every rank holds some columns of each row
 
     def quantize(self, w: torch.Tensor) -> dict:
-        row_max = w.float().abs().amax(dim=1)
+        row_max = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # max |w| of each row, with no |w| copy
         if self.rows_split:  # the whole rows' max, so every rank's scales are the ones one process would give
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
-        q, scales = quantize_int8(w, row_max)
-        return {"weight": q, "scales": scales}
+        parts = [quantize_int8(w[i:i + QUANTIZE_ROWS], row_max[i:i + QUANTIZE_ROWS])
+                 for i in range(0, w.shape[0], QUANTIZE_ROWS)]
+        return {"weight": torch.cat([q for q, _ in parts]), "scales": torch.cat([s for _, s in parts])}
 
     def forward(self, x):
         rows = x.numel() // self.in_features
@@ -781,7 +785,8 @@ class Int4Linear(nn.Module):
                                                              dtype=torch.bfloat16))
 
     def quantize(self, w: torch.Tensor) -> dict:
-        q, scales_and_zeros = quantize_int4(w, self.group_size)
+        parts = [quantize_int4(rows, self.group_size) for rows in w.split(QUANTIZE_ROWS)]
+        q, scales_and_zeros = torch.cat([q for q, _ in parts]), torch.cat([sz for _, sz in parts], dim=1)
         packed = q[:, ::2] << 4 | q[:, 1::2]  # (n, k / 2) uint8
         if self.weight.dtype == torch.int32:  # into the kernel's tiles, on the GPU
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, self.weight.shape[-1] * 2)

@@ -3390,6 +3390,20 @@ def test_quantize_round_trip_is_within_half_a_step():
         assert (s[0] <= (w[0].abs().max() * 2 / 15) * 1.01).all()  # a step of about (max - min) / 15
 
 
+def test_loading_quantizes_a_few_rows_at_a_time_to_the_same_numbers(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(10, 128, generator=g) * 0.05).bfloat16()  # as read from a bf16 checkpoint
+    w[3] = 0  # an all-zero row, and a row of one sign: max |w| from amax and amin
+    w[5] = w[5].abs()
+    whole8, whole4 = llama31.quantize_int8(w), llama31.quantize_int4(w, 32)
+    monkeypatch.setattr(llama31, "QUANTIZE_ROWS", 3)  # chunks of 3, 3, 3 and 1 rows
+    got8 = llama31.Int8Linear(128, 10, ("w",)).quantize(w)
+    assert torch.equal(got8["weight"], whole8[0]) and torch.equal(got8["scales"], whole8[1])
+    got4 = llama31.Int4Linear(128, 10, ("w",), 32, tiled=False).quantize(w)
+    assert torch.equal(got4["weight"], whole4[0][:, ::2] << 4 | whole4[0][:, 1::2])
+    assert torch.equal(got4["scales_and_zeros"], whole4[1])
+
+
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU int4 kernel")
 def test_int4_reference_follows_pytorch_int4_kernel_convention():
     """PyTorch's CPU int4 kernel reads scales_and_zeros in the CUDA kernel's layout and zero point; it takes the
