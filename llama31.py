@@ -664,23 +664,23 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
 # time to read the weights. PyTorch has no fast product with int8 weights on CUDA (aten._weight_int8pack_mm
 # reads at 2% of an H200's bandwidth), and gpt-fast's route, F.linear on weight.to(bf16) left to inductor,
 # made 8B decode read at 40% of it, barely faster than bf16 through cuBLAS. This Triton kernel (Triton comes
-# with PyTorch's CUDA builds) reads each int8 weight once: a program owns BLOCK_N output channels and walks
-# along k, BLOCK_K weights of each row at a time, summing in float32; the scales are applied at the end and
-# the result rounded once to x's dtype. It takes up to INT8_MATVEC_ROWS rows (decode); a prefill's matmuls are
-# large enough for cuBLAS to pay for the bf16 copy (F.linear in Int8Linear.forward).
+# with PyTorch's CUDA builds) reads each int8 weight once: a program owns BLOCK_N output channels of BLOCK_M
+# rows and walks along k, BLOCK_K weights of each row at a time, summing in float32; the scales are applied at
+# the end and the result rounded once to x's dtype. Int8Linear sends it up to INT8_MATVEC_ROWS rows (decode);
+# a prefill's matmuls are large enough for cuBLAS to pay for a converted copy of the weights.
 INT8_MATVEC_ROWS = 16
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # in PyTorch's CUDA builds for Linux, not Windows'
 
 
 @functools.cache
-def int8_matvec_kernel(block_m: int):
+def int8_matvec_kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
     def kernel(x_ptr, w_ptr, scales_ptr, y_ptr, m, n, k,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        rows = tl.arange(0, BLOCK_M)
+        rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output channels
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k, BLOCK_K):
@@ -691,31 +691,29 @@ def int8_matvec_kernel(block_m: int):
                         other=0)  # (BLOCK_N, BLOCK_K) int8
             if BLOCK_M == 1:  # one row: products and a sum along k
                 acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
-            else:  # up to 16 rows: the tensor cores' product, exact for int8 weights in bf16 or fp16
+            else:  # the tensor cores' product, exact for int8 weights in bf16 or fp16
                 acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         y = acc * tl.load(scales_ptr + cols, mask=cols < n, other=0).to(tl.float32)[None, :]
         tl.store(y_ptr + rows[:, None] * n + cols[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(rows[:, None] < m) & (cols[None, :] < n))
-
-    # candidate tile shapes, timed once per matrix shape on first use (triton.autotune)
-    # (the fastest of a sweep at 8B's five shapes on an H200: long runs along k, few rows a program)
-    if block_m == 1:
-        tiles = [(2, 2048, 2), (2, 2048, 4), (4, 2048, 4), (8, 2048, 4), (4, 1024, 2), (8, 512, 4)]
-    else:
-        tiles = [(32, 512, 2), (32, 512, 4), (64, 512, 4), (32, 256, 4), (64, 256, 2), (128, 256, 4)]
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in tiles]
-    return triton.autotune(configs, key=["n", "k"])(kernel)
+    return kernel
 
 
 @torch.library.custom_op("llama31::int8_matvec", mutates_args=())
 def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x (m, k) bf16 or fp16 with m <= INT8_MATVEC_ROWS, weight (n, k) int8, scales (n,) -> x weight^T scales
-    (m, n) in x's dtype, on a CUDA device."""
+    """x (m, k) bf16 or fp16, weight (n, k) int8, scales (n,) -> x weight^T scales (m, n) in x's dtype, on a
+    CUDA device of compute capability 8.0 or more (see Int8Linear.forward)."""
     (m, k), n = x.shape, weight.shape[0]
+    # the fastest tiles of a sweep over 8B's matrices on an H200 (long runs along k; for one row, few output
+    # channels a program), chosen by shape alone rather than timed: every process sums in the same order
+    if m == 1:
+        block_m, (block_n, block_k, warps) = 1, ((8, 2048, 4) if n >= 16384 else (2, 2048, 2))
+    else:  # tensor-core tiles of 16 rows
+        block_m, (block_n, block_k, warps) = 16, ((128, 256, 4) if n >= 16384 else (32, 512, 4))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = 1 if m == 1 else 16
-    int8_matvec_kernel(block_m)[lambda meta: (-(-n // meta["BLOCK_N"]),)](
-        x.contiguous(), weight, scales, y, m, n, k, BLOCK_M=block_m)
+    grid = ((n + block_n - 1) // block_n, (m + block_m - 1) // block_m)
+    int8_matvec_kernel()[grid](x.contiguous(), weight.contiguous(), scales, y, m, n, k, BLOCK_M=block_m,
+                               BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 
@@ -726,10 +724,10 @@ def _(x, weight, scales):
 
 class Int8Linear(nn.Module):
     """A linear layer of int8 weights (out_features, in_features) with one bf16 scale per output channel,
-    computed in the input's dtype. On a CUDA device a few rows (decode) go through int8_matvec, which reads
-    one byte a weight and rounds once; otherwise, and on the CPU (the reference the kernel is tested
-    against), F.linear on the weights in x's dtype, then the scales. `sources` name the float weights it
-    stacks, beside it in its parent module."""
+    computed in the input's dtype. On a CUDA GPU up to INT8_MATVEC_ROWS rows in bf16 or fp16 (decode) go
+    through int8_matvec, which reads one byte a weight and rounds once; otherwise (a prefill, a float32
+    model, the CPU) F.linear on the weights converted to x's dtype, then the scales, rounded twice. `sources`
+    name the float weights it stacks, beside it in its parent module."""
 
     def __init__(self, in_features: int, out_features: int, sources: tuple):
         super().__init__()
@@ -742,13 +740,17 @@ class Int8Linear(nn.Module):
         row_max = torch.maximum(w.amax(dim=1), -w.amin(dim=1)).float()  # max |w| of each row, with no |w| copy
         if self.rows_split:  # the whole rows' max, so every rank's scales are the ones one process would give
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
-        parts = [quantize_int8(w[i:i + QUANTIZE_ROWS], row_max[i:i + QUANTIZE_ROWS])
-                 for i in range(0, w.shape[0], QUANTIZE_ROWS)]
-        return {"weight": torch.cat([q for q, _ in parts]), "scales": torch.cat([s for _, s in parts])}
+        q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+        scales = torch.empty(w.shape[0], dtype=torch.bfloat16, device=w.device)
+        for i in range(0, w.shape[0], QUANTIZE_ROWS):
+            rows = slice(i, i + QUANTIZE_ROWS)
+            q[rows], scales[rows] = quantize_int8(w[rows], row_max[rows])
+        return {"weight": q, "scales": scales}
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if x.is_cuda and HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) and rows <= INT8_MATVEC_ROWS:
+        if rows <= INT8_MATVEC_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and HAS_TRITON \
+                and torch.cuda.get_device_capability(x.device) >= (8, 0):  # bf16 tensor cores: Ampere and later
             y = int8_matvec(x.reshape(rows, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -785,8 +787,11 @@ class Int4Linear(nn.Module):
                                                              dtype=torch.bfloat16))
 
     def quantize(self, w: torch.Tensor) -> dict:
-        parts = [quantize_int4(rows, self.group_size) for rows in w.split(QUANTIZE_ROWS)]
-        q, scales_and_zeros = torch.cat([q for q, _ in parts]), torch.cat([sz for _, sz in parts], dim=1)
+        q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+        scales_and_zeros = torch.empty(self.scales_and_zeros.shape, dtype=torch.bfloat16, device=w.device)
+        for i in range(0, w.shape[0], QUANTIZE_ROWS):
+            rows = slice(i, i + QUANTIZE_ROWS)
+            q[rows], scales_and_zeros[:, rows] = quantize_int4(w[rows], self.group_size)
         packed = q[:, ::2] << 4 | q[:, 1::2]  # (n, k / 2) uint8
         if self.weight.dtype == torch.int32:  # into the kernel's tiles, on the GPU
             packed = torch.ops.aten._convert_weight_to_int4pack(packed, self.weight.shape[-1] * 2)
