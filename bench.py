@@ -5,6 +5,8 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode                      # Llama 3.1 8B shape, bf16 / int8 / int4, batch 1 and 8, compiled
     python bench.py decode --model llama3.1-70b --quantize int8,int4 --batch_sizes 1   # 70B on one H200
     python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
+    python bench.py matmuls                     # each weight matrix alone: bf16, int8, int4, % of bandwidth
+    python bench.py tiles                       # the tile sweep behind the int8 kernel
     torchrun --nproc_per_node 2 bench.py decode --model llama3.1-70b --quantize bf16   # tensor-parallel, 2 GPUs
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
@@ -20,6 +22,7 @@ printed beside it.
 """
 
 import contextlib
+import copy
 import dataclasses
 import os
 import shutil
@@ -176,6 +179,94 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
         bf16_bytes = weight_bytes_read(llama31.meta_model(args, None, group_size, device).to(torch.bfloat16))
         rows += hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, bf16_bytes)
         print_table(model, prompt_len, gen_len, rows, gpus)
+
+
+def matrix_shapes(args: llama31.ModelArgs) -> dict:
+    """(out_features, in_features) of each weight matrix a decode step reads, as generation fuses them."""
+    return {"wqkv": ((args.n_heads + 2 * args.n_kv_heads) * args.head_dim, args.dim),
+            "wo": (args.dim, args.n_heads * args.head_dim), "w13": (2 * args.hidden_dim, args.dim),
+            "w2": (args.dim, args.hidden_dim), "output": (args.vocab_size, args.dim)}
+
+
+def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: int = llama31.INT4_GROUP_SIZE):
+    """Where a decode step's time goes, matrix by matrix: each weight matrix of a preset timed alone for each
+    number of rows (a decode step's batch; 1024: a prefill's) in bf16 (cuBLAS), int8 (llama31's kernel up to
+    16 rows, cuBLAS on converted weights above) and int4 (PyTorch's tinygemm): microseconds and the weights'
+    bytes per second as % of the copy bandwidth. Each timing is one CUDA graph over enough copies of the
+    matrix to pass the L2 cache, as a step reads every matrix once."""
+    import triton.testing
+    rows = (rows,) if isinstance(rows, int) else tuple(rows)
+    device = llama31.pick_device("cuda")
+    bw, _ = measure_card(device)
+    print(f"{model}, {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; us (% of it)")
+    print(f"{'matrix':<8}{'out x in':>14}{'rows':>6}{'bf16':>16}{'int8':>16}{'int4':>16}")
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, (n, k) in matrix_shapes(llama31.preset(model)).items():
+        w = torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+        layers = {"bf16": torch.nn.Linear(k, n, bias=False, device="meta"),
+                  "int8": llama31.Int8Linear(k, n, ("w",)),
+                  "int4": llama31.Int4Linear(k, n, ("w",), group_size, tiled=True)}
+        layers["bf16"].weight = torch.nn.Parameter(w, requires_grad=False)
+        for kind in ("int8", "int4"):
+            for key, v in layers[kind].to_empty(device=device).quantize(w).items():
+                setattr(layers[kind], key, v)
+        for m in rows:
+            x = torch.randn(m, k, generator=g, device=device, dtype=torch.bfloat16)
+            cells = []
+            for layer in layers.values():
+                nbytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+                copies = [copy.deepcopy(layer) for _ in range(max(1, (1 << 29) // nbytes))]  # 512 MB or more
+
+                def run():
+                    with torch.no_grad():
+                        for c in copies:
+                            c(x)
+                seconds = triton.testing.do_bench_cudagraph(run, rep=40) / 1000 / len(copies)
+                cells.append(f"{seconds * 1e6:8.1f} ({100 * nbytes / seconds / bw:3.0f}%)")
+            print(f"{name:<8}{f'{n} x {k}':>14}{m:>6}" + "".join(f"{c:>16}" for c in cells), flush=True)
+        del layers, w
+        torch.cuda.empty_cache()
+
+
+def tiles(model: str = "llama3.1-8b", rows: tuple = (1, 8)):
+    """The tile sweep behind int8_matvec: for each weight matrix of a preset and number of rows (up to 16),
+    every candidate (BLOCK_M, BLOCK_N, BLOCK_K, warps) timed as in `matmuls`; prints the three fastest, from
+    which int8_matvec's tiles were set."""
+    import itertools
+    import triton.testing
+    rows = (rows,) if isinstance(rows, int) else tuple(rows)
+    device = llama31.pick_device("cuda")
+    bw, _ = measure_card(device)
+    print(f"{model}, {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    candidates = {1: list(itertools.product([1], [1, 2, 4, 8, 16], [512, 1024, 2048, 4096], [1, 2, 4, 8])),
+                  16: list(itertools.product([16], [16, 32, 64, 128], [256, 512], [2, 4, 8]))}
+    g = torch.Generator(device=device).manual_seed(0)
+    for name, (n, k) in matrix_shapes(llama31.preset(model)).items():
+        layer = llama31.Int8Linear(k, n, ("w",)).to_empty(device=device)
+        w = torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02
+        for key, v in layer.quantize(w).items():
+            setattr(layer, key, v)
+        del w
+        copies = [copy.deepcopy(layer) for _ in range(max(1, (1 << 29) // (n * k)))]  # 512 MB or more
+        for m in rows:
+            x = torch.randn(m, k, generator=g, device=device, dtype=torch.bfloat16)
+            y = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+            results = []
+            for bm, bn, bk, warps in candidates[1 if m == 1 else 16]:
+                def run():
+                    for c in copies:
+                        llama31.int8_matvec_kernel()[(-(-n // bn), -(-m // bm))](
+                            x, c.weight, c.scales, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                try:
+                    results.append((triton.testing.do_bench_cudagraph(run, rep=20) / 1000 / len(copies),
+                                    (bm, bn, bk, warps)))
+                except Exception as e:  # a tile too large for the chip's registers or shared memory
+                    print(f"  {name} m={m} tile {(bm, bn, bk, warps)}: {type(e).__name__}")
+            results.sort()
+            best = ", ".join(f"{t} {s * 1e6:.1f} us ({100 * n * k / s / bw:.0f}%)" for s, t in results[:3])
+            print(f"{name} {n} x {k} m={m}: {best}", flush=True)
+        del layer, copies
+        torch.cuda.empty_cache()
 
 
 def print_table(model, prompt_len, gen_len, rows, gpus):
@@ -435,4 +526,5 @@ def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2
 
 if __name__ == "__main__":
     import fire
-    fire.Fire({"decode": decode, "train": train, "checkpoint": checkpoint}, serialize=lambda result: None)
+    fire.Fire({"decode": decode, "matmuls": matmuls, "tiles": tiles, "train": train, "checkpoint": checkpoint},
+              serialize=lambda result: None)
