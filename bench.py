@@ -170,7 +170,7 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
                 with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                     llama.generate(prompts, 64, temperature=0)
                     torch.cuda.synchronize()
-                print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+                print0(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
         del llama, net
         torch._dynamo.reset()  # frees the CUDA graphs recorded for this model before the next is built
         torch.cuda.empty_cache()
