@@ -6,7 +6,6 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode --model llama3.1-70b --quantize int8,int4 --batch_sizes 1   # 70B on one H200
     python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
     python bench.py matmuls                     # each weight matrix alone: bf16, int8, int4, % of bandwidth
-    python bench.py tiles                       # the tile sweep behind the int8 kernel
     torchrun --nproc_per_node 2 bench.py decode --model llama3.1-70b --quantize bf16   # tensor-parallel, 2 GPUs
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing
@@ -225,47 +224,6 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
                 cells.append(f"{seconds * 1e6:8.1f} ({100 * nbytes / seconds / bw:3.0f}%)")
             print(f"{name:<8}{f'{n} x {k}':>14}{m:>6}" + "".join(f"{c:>16}" for c in cells), flush=True)
         del layers, w
-        torch.cuda.empty_cache()
-
-
-def tiles(model: str = "llama3.1-8b", rows: tuple = (1, 8)):
-    """The tile sweep behind int8_matvec: for each weight matrix of a preset and number of rows (up to 16),
-    every candidate (BLOCK_M, BLOCK_N, BLOCK_K, warps) timed as in `matmuls`; prints the three fastest, from
-    which int8_matvec's tiles were set."""
-    import itertools
-    import triton.testing
-    rows = (rows,) if isinstance(rows, int) else tuple(rows)
-    device = llama31.pick_device("cuda")
-    bw, _ = measure_card(device)
-    print(f"{model}, {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s")
-    candidates = {1: list(itertools.product([1], [1, 2, 4, 8, 16], [512, 1024, 2048, 4096], [1, 2, 4, 8])),
-                  16: list(itertools.product([16], [16, 32, 64, 128], [256, 512], [2, 4, 8]))}
-    g = torch.Generator(device=device).manual_seed(0)
-    for name, (n, k) in matrix_shapes(llama31.preset(model)).items():
-        layer = llama31.Int8Linear(k, n, ("w",)).to_empty(device=device)
-        w = torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02
-        for key, v in layer.quantize(w).items():
-            setattr(layer, key, v)
-        del w
-        copies = [copy.deepcopy(layer) for _ in range(max(1, (1 << 29) // (n * k)))]  # 512 MB or more
-        for m in rows:
-            x = torch.randn(m, k, generator=g, device=device, dtype=torch.bfloat16)
-            y = torch.empty(m, n, device=device, dtype=torch.bfloat16)
-            results = []
-            for bm, bn, bk, warps in candidates[1 if m == 1 else 16]:
-                def run():
-                    for c in copies:
-                        llama31.int8_matvec_kernel()[(-(-n // bn), -(-m // bm))](
-                            x, c.weight, c.scales, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
-                try:
-                    results.append((triton.testing.do_bench_cudagraph(run, rep=20) / 1000 / len(copies),
-                                    (bm, bn, bk, warps)))
-                except Exception as e:  # a tile too large for the chip's registers or shared memory
-                    print(f"  {name} m={m} tile {(bm, bn, bk, warps)}: {type(e).__name__}")
-            results.sort()
-            best = ", ".join(f"{t} {s * 1e6:.1f} us ({100 * n * k / s / bw:.0f}%)" for s, t in results[:3])
-            print(f"{name} {n} x {k} m={m}: {best}", flush=True)
-        del layer, copies
         torch.cuda.empty_cache()
 
 
@@ -526,5 +484,5 @@ def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2
 
 if __name__ == "__main__":
     import fire
-    fire.Fire({"decode": decode, "matmuls": matmuls, "tiles": tiles, "train": train, "checkpoint": checkpoint},
+    fire.Fire({"decode": decode, "matmuls": matmuls, "train": train, "checkpoint": checkpoint},
               serialize=lambda result: None)
