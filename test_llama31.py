@@ -3564,7 +3564,7 @@ def test_bench_counts_the_weight_bytes_a_decode_step_reads():
         model = llama31.meta_model(args, None if mode == "bf16" else mode, 64, torch.device("cuda"))
         model = model.to(torch.bfloat16)  # the float weights (norms) as they are loaded
         assert bench.weight_bytes_read(model) == L * per_layer + output[mode] + norms, mode
-    # bench.py matmuls and tiles time the matrices a quantized model's step multiplies by, at their shapes
+    # bench.py matmuls times the matrices a quantized model's step multiplies by, at their shapes
     model = llama31.meta_model(args, "int8", 64, torch.device("cuda"))
     layer = {"wqkv": model.layers[0].attention.wqkv, "wo": model.layers[0].attention.wo,
              "w13": model.layers[0].feed_forward.w13, "w2": model.layers[0].feed_forward.w2, "output": model.output}
