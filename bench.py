@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,12 @@ def cuda_time(fn, repeat: int = 10) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return sorted(times)[len(times) // 2]
+
+
+def gpu() -> torch.device:
+    if not torch.cuda.is_available():
+        raise ValueError("bench.py times a CUDA GPU, and this PyTorch sees none (a CPU build, or no GPU)")
+    return llama31.pick_device("cuda")
 
 
 def measure_card(device) -> tuple[float, float]:
@@ -114,8 +121,11 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
     modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)  # fire may pass a tuple
     batch_sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)  # --batch_sizes 1
     for mode in modes:
+        if mode not in ("bf16", *llama31.QUANTIZE_CHOICES):
+            raise ValueError(f"--quantize {mode!r} is not one of bf16, {', '.join(llama31.QUANTIZE_CHOICES)} "
+                             "(give one or more, comma-separated)")
         llama31.check_quantize(None if mode == "bf16" else mode, group_size)
-    tp, device = llama31.start_tensor_parallel(llama31.pick_device("cuda"))
+    tp, device = llama31.start_tensor_parallel(gpu())
     if tp is not None:
         if hf:
             raise ValueError("--hf runs transformers on one GPU: leave out torchrun")
@@ -193,9 +203,9 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
     16 rows, cuBLAS on converted weights above) and int4 (PyTorch's tinygemm): microseconds and the weights'
     bytes per second as % of the copy bandwidth. Each timing is one CUDA graph over enough copies of the
     matrix to pass the L2 cache, as a step reads every matrix once."""
+    device = gpu()
     import triton.testing
     rows = (rows,) if isinstance(rows, int) else tuple(rows)
-    device = llama31.pick_device("cuda")
     bw, _ = measure_card(device)
     print(f"{model}, {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; us (% of it)")
     print(f"{'matrix':<8}{'out x in':>14}{'rows':>6}{'bf16':>16}{'int8':>16}{'int4':>16}")
@@ -344,7 +354,7 @@ def start_gpus() -> tuple[int, torch.device]:
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
-        device = llama31.pick_device("cuda")
+        device = gpu()
     return world, device
 
 
@@ -484,5 +494,9 @@ def checkpoint(model: str = "llama3.2-3b", batch_size: int = 4, seq_len: int = 2
 
 if __name__ == "__main__":
     import fire
-    fire.Fire({"decode": decode, "matmuls": matmuls, "train": train, "checkpoint": checkpoint},
-              serialize=lambda result: None)
+    try:
+        fire.Fire({"decode": decode, "matmuls": matmuls, "train": train, "checkpoint": checkpoint},
+                  serialize=lambda result: None)
+    except ValueError as e:  # a bad flag value or no GPU: one line, no traceback, as llama31.py's errors
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

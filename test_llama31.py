@@ -3571,6 +3571,21 @@ def test_bench_counts_the_weight_bytes_a_decode_step_reads():
     assert bench.matrix_shapes(args) == {name: tuple(m.weight.shape) for name, m in layer.items()}
 
 
+def test_bench_errors_are_one_line():
+    def bench(*args):
+        return subprocess.run([sys.executable, str(HERE / "bench.py"), *args], capture_output=True, text=True,
+                              timeout=300, env=subprocess_env())
+    r = bench("decode", "--quantize", "int3")  # checked before anything touches a GPU
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "bench.py: error: --quantize 'int3' is not one of bf16, int8, int4 (give one or more, comma-separated)"]
+    if not torch.cuda.is_available():
+        for command in ("decode", "matmuls", "train"):
+            r = bench(command)
+            assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+                "bench.py: error: bench.py times a CUDA GPU, and this PyTorch sees none (a CPU build, or no GPU)"]
+
+
 def test_eval_command_is_evaluate_and_works_quantized(init_ckpt, train_data, capsys, monkeypatch):
     got = llama31.eval_checkpoint(str(init_ckpt), data=train_data, batch_size=2, seq_len=32, steps=3, device="cpu")
     assert f"perplexity {math.exp(got['loss']):.3f}" in capsys.readouterr().out
