@@ -203,6 +203,8 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
     16 rows, cuBLAS on converted weights above) and int4 (PyTorch's tinygemm): microseconds and the weights'
     bytes per second as % of the copy bandwidth. Each timing is one CUDA graph over enough copies of the
     matrix to pass the L2 cache, as a step reads every matrix once."""
+    args = llama31.preset(model)
+    llama31.check_quantize("int4", group_size)
     device = gpu()
     import triton.testing
     rows = (rows,) if isinstance(rows, int) else tuple(rows)
@@ -210,7 +212,7 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
     print(f"{model}, {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; us (% of it)")
     print(f"{'matrix':<8}{'out x in':>14}{'rows':>6}{'bf16':>16}{'int8':>16}{'int4':>16}")
     g = torch.Generator(device=device).manual_seed(0)
-    for name, (n, k) in matrix_shapes(llama31.preset(model)).items():
+    for name, (n, k) in matrix_shapes(args).items():
         w = torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02
         layers = {"bf16": torch.nn.Linear(k, n, bias=False, device="meta"),
                   "int8": llama31.Int8Linear(k, n, ("w",)),
@@ -224,7 +226,7 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
             cells = []
             for layer in layers.values():
                 nbytes = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-                copies = [copy.deepcopy(layer) for _ in range(max(1, (1 << 29) // nbytes))]  # 512 MB or more
+                copies = [copy.deepcopy(layer) for _ in range(-(-(1 << 29) // nbytes))]  # 512 MB or more
 
                 def run():
                     with torch.no_grad():

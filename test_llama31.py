@@ -3579,6 +3579,10 @@ def test_bench_errors_are_one_line():
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
         "bench.py: error: --quantize 'int3' is not one of bf16, int8, int4 (give one or more, comma-separated)"]
+    r = bench("matmuls", "--group_size", "16")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == ["bench.py: error: --group_size 16 must be 32, 64, 128 or 256 (the group "
+                                             "sizes of PyTorch's int4 kernel)"]
     if not torch.cuda.is_available():
         for command in ("decode", "matmuls", "train"):
             r = bench(command)
