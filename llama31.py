@@ -2053,7 +2053,8 @@ def load_training_checkpoint(ckpt_dir: Path, model: nn.Module, optimizer: torch.
     its shards); adapters_only: a LoRA run's, into the adapters. Returns the train state: step, shard,
     position."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
     state = training_state(model, optimizer, adapters_only=adapters_only)
     with dcp_errors(ckpt_dir):  # (DCP fails on any tensor of state that the checkpoint lacks)
         dcp.load(state, storage_reader=checkpoint_reader(ckpt_dir), planner=tensors_only_planner(),
@@ -3316,7 +3317,8 @@ def train(ckpt_dir: Optional[str] = None, model: str = "tiny", train_data: str =
     check_lora_flags(lora, quantize, group_size, ckpt_dir, pure_bf16, export_every)
     sample_prompts = (sample_prompts,) if isinstance(sample_prompts, str) else tuple(sample_prompts)
     B, T, out_dir = batch_size, seq_len, Path(out_dir)
-    with removed_if_left_empty(out_dir), distributed(device, fsdp) as run, Checkpointer(out_dir, async_save, keep_last, run.device) as checkpointer:
+    with (removed_if_left_empty(out_dir), distributed(device, fsdp) as run,
+          Checkpointer(out_dir, async_save, keep_last, run.device) as checkpointer):
         if sample_every and run.strategy == "fsdp":
             raise ValueError("--sample_every needs the whole model in one process, which FSDP shards; sample "
                              "from a saved checkpoint with `llama31.py sample` instead")
@@ -3765,9 +3767,9 @@ def is_flag(arg: str) -> bool:
 def parse_command_line(argv: list) -> tuple[str, list, dict]:
     """(command, positional arguments, flags) from argv, checked against the command's signature before any
     work starts: an unknown command or flag, a missing or malformed value or a required one missing is a
-    ValueError; a flag given twice takes its last value. --flag alone sets a bool flag, --noflag clears it; --name=value and
-    --name value both work; after a bare -- every argument is positional. -h / --help anywhere: (command,
-    None, None)."""
+    ValueError; a flag given twice takes its last value. --flag alone sets a bool flag, --noflag clears it;
+    --name=value and --name value both work; after a bare -- every argument is positional. -h / --help
+    anywhere: (command, None, None)."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         return "", None, None
     command = argv[0]
