@@ -5,6 +5,7 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode                      # Llama 3.1 8B shape, bf16 / int8 / int4, batch 1 and 8, compiled
     python bench.py decode --model llama3.1-70b --quantize int8,int4 --batch_sizes 1   # 70B on one H200
     python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
+    python bench.py decode --quantize bf16,int8 --batch_sizes 1 --max_seq_len 4096   # chat's KV cache size
     python bench.py matmuls                     # each weight matrix alone: bf16, int8, int4, % of bandwidth
     torchrun --nproc_per_node 2 bench.py decode --model llama3.1-70b --quantize bf16   # tensor-parallel, 2 GPUs
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
@@ -14,7 +15,8 @@ a preset shape, so no checkpoint is needed.
 
 Decode reads every weight once per step, so its ceiling is memory bandwidth: roofline tok/s per sequence =
 measured copy bandwidth / bytes read per step: the weights in their stored format (int8 or int4 with their
-scales), but not the embedding, of which a step reads one row per token; plus the KV cache. Tensor-parallel,
+scales), but not the embedding, of which a step reads one row per token; plus the KV cache's positions up to
+the token (on average prompt_len + gen_len / 2: what a step must read, whatever the cache's size). Tensor-parallel,
 the bytes one GPU reads (its slices and its kv heads), as all read theirs at once. Training is
 matmul-bound: MFU is model FLOPs per second over --peak_flops, and the card's measured bf16 matmul rate is
 printed beside it.
@@ -111,12 +113,14 @@ def weight_bytes_read(net: llama31.Transformer) -> int:
 
 def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256, batch_sizes: tuple = (1, 8),
            compile: bool = True, hf: bool = False, profile: bool = False, quantize="bf16,int8,int4",
-           group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True, vocab_parallel: bool = True):
+           group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True, vocab_parallel: bool = True,
+           max_seq_len: Optional[int] = None):
     """Time generation for each of --quantize (comma-separated: bf16, int8, int4; one model after another, in
     one run): compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline, peak memory
     while loading and while generating. --group_size: int4's; --quantize_output False keeps the output
     layer in bf16 when quantizing. --profile: also print where one batch-1 generation's GPU time goes,
-    kernel by kernel. Under torchrun with N processes: tensor-parallel over N GPUs, rank 0 printing;
+    kernel by kernel. --max_seq_len: the KV cache's positions (default prompt_len + gen_len; chat's is
+    4096). Under torchrun with N processes: tensor-parallel over N GPUs, rank 0 printing;
     --vocab_parallel False replicates the output layer instead of splitting it over the vocabulary."""
     modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)  # fire may pass a tuple
     batch_sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)  # --batch_sizes 1
@@ -125,6 +129,9 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
             raise ValueError(f"--quantize {mode!r} is not one of bf16, {', '.join(llama31.QUANTIZE_CHOICES)} "
                              "(give one or more, comma-separated)")
         llama31.check_quantize(None if mode == "bf16" else mode, group_size)
+    max_seq_len = prompt_len + gen_len if max_seq_len is None else max_seq_len
+    llama31.check_number("--max_seq_len", max_seq_len, lambda v: v >= prompt_len + gen_len,
+                         f"a whole number of at least --prompt_len + --gen_len = {prompt_len + gen_len}", integer=True)
     tp, device = llama31.start_tensor_parallel(gpu())
     if tp is not None:
         if hf:
@@ -133,7 +140,6 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
     gpus = torch.cuda.get_device_name() + (f" x {tp.world} (tensor-parallel; GiB: rank 0's)" if tp else "")
     bw, mm = measure_card(device)
     print0(f"{gpus}: copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s (each GPU)")
-    max_seq_len = prompt_len + gen_len
     rows = []
     for mode in modes:
         torch.cuda.reset_peak_memory_stats()
@@ -169,11 +175,12 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
             total = time.time() - t0
             per_seq = (gen_len - 1) / (total - ttft)  # decode steps per second, each making B tokens
             kv_heads = net.layers[0].attention.n_kv_heads  # this rank's, tensor-parallel
-            kv_bytes = 2 * args.n_layers * B * kv_heads * max_seq_len * args.head_dim * 2
+            # the keys and values a step must read: those of the positions up to its token, on average
+            kv_bytes = 2 * args.n_layers * B * kv_heads * (prompt_len + gen_len / 2) * args.head_dim * 2
             roofline = bw / (weight_bytes + kv_bytes)
             rows.append((f"llama31 {what} {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
                          100 * per_seq / roofline, load_gib, torch.cuda.max_memory_allocated() / 2 ** 30))
-            print_table(model, prompt_len, gen_len, rows, gpus)
+            print_table(model, prompt_len, gen_len, max_seq_len, rows, gpus)
             if profile and B == batch_sizes[0]:
                 from torch.profiler import ProfilerActivity
                 with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -187,7 +194,7 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
         args = llama31.preset(model, max_seq_len=max_seq_len)
         bf16_bytes = weight_bytes_read(llama31.meta_model(args, None, group_size, device).to(torch.bfloat16))
         rows += hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, bf16_bytes)
-        print_table(model, prompt_len, gen_len, rows, gpus)
+        print_table(model, prompt_len, gen_len, max_seq_len, rows, gpus)
 
 
 def matrix_shapes(args: llama31.ModelArgs) -> dict:
@@ -239,8 +246,8 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
         torch.cuda.empty_cache()
 
 
-def print_table(model, prompt_len, gen_len, rows, gpus):
-    print0(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, {gpus}")
+def print_table(model, prompt_len, gen_len, max_seq_len, rows, gpus):
+    print0(f"\n{model}, prompt {prompt_len}, {gen_len} new tokens, KV cache of {max_seq_len}, {gpus}")
     print0(f"{'what':<40}{'batch':>6}{'warm-up s':>11}{'TTFT ms':>9}{'tok/s':>9}{'% roofline':>12}"
            f"{'load GiB':>10}{'peak GiB':>10}")
     for name, B, warm, ttft_ms, tps, pct, load, mem in rows:
@@ -272,7 +279,7 @@ def hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
         hf.generate(ids, **kw)
         torch.cuda.synchronize()
         total = time.time() - t0
-        kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * (prompt_len + gen_len) * args.head_dim * 2
+        kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * (prompt_len + gen_len / 2) * args.head_dim * 2
         per_seq = gen_len / total
         rows.append(("transformers bf16 static+compile", B, warmup, float("nan"), per_seq * B,
                      100 * per_seq / (bw / (weight_bytes + kv_bytes)), float("nan"),

@@ -3579,6 +3579,9 @@ def test_bench_errors_are_one_line():
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
         "bench.py: error: --quantize 'int3' is not one of bf16, int8, int4 (give one or more, comma-separated)"]
+    r = bench("decode", "--max_seq_len", "300")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "bench.py: error: --max_seq_len must be a whole number of at least --prompt_len + --gen_len = 384"]
     r = bench("matmuls", "--group_size", "16")
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["bench.py: error: --group_size 16 must be 32, 64, 128 or 256 (the group "
