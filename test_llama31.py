@@ -582,6 +582,65 @@ def test_gpu_compiled_greedy_equals_eager(tiny_ckpt):
     assert compiled.generate(prompts, max_gen_len=24, temperature=0) == want  # replayed, not re-recorded
 
 
+@cuda
+def test_gpu_decode_attention_kernel_reads_up_to_the_token_within_its_rounding():
+    """decode_attention against float64 attention over positions 0..pos of the same inputs, with NaN in every
+    cached position after pos (never read): at chunk edges, past 16 chunks (the combine's second tile), for 1,
+    4 and 8 query heads a kv head and 64 (batch row, kv head) pairs or more (256-position chunks). The bound:
+    the kernel rounds the softmax weights p <= 1 to the inputs' dtype before p @ v (unit roundoff u: 2^-8
+    bf16, 2^-11 fp16), which moves the output by at most u max|v| over the positions it weighs, and rounds the
+    output once (u |exact|); its float32 sums and exp2 add far less. In a CUDA graph: the same result."""
+    g = torch.Generator().manual_seed(0)
+    for (B, n_heads, n_kv_heads, D, S), dtype in (((1, 32, 8, 128, 2200), torch.bfloat16),
+                                                  ((9, 8, 8, 64, 2600), torch.float16),
+                                                  ((2, 16, 2, 16, 300), torch.bfloat16)):
+        u = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11
+        q = torch.randn(B, n_heads, 1, D, generator=g).to(dtype)
+        k, v = (torch.randn(B, n_kv_heads, S, D, generator=g).to(dtype) for _ in range(2))
+        for pos in (0, 1, 127, 128, 129, 255, 256, 257, S // 2, S - 1):
+            seen = slice(0, pos + 1)
+            scores = q.double() @ k[:, :, seen].double().repeat_interleave(n_heads // n_kv_heads, 1).transpose(2, 3)
+            vs = v[:, :, seen].double().repeat_interleave(n_heads // n_kv_heads, 1)
+            exact = torch.softmax(scores / math.sqrt(D), dim=-1) @ vs  # (B, n_heads, 1, D)
+            kp, vp = k.clone(), v.clone()
+            kp[:, :, pos + 1:], vp[:, :, pos + 1:] = float("nan"), float("nan")
+            got = llama31.decode_attention(q.cuda(), kp.cuda(), vp.cuda(), torch.tensor([pos]).cuda()).cpu()
+            assert got.dtype == dtype and got.shape == exact.shape
+            bound = u * (vs.abs().amax(dim=(2, 3), keepdim=True) + exact.abs())
+            assert ((got.double() - exact).abs() <= bound).all(), (B, S, pos, dtype)
+    compiled = torch.compile(llama31.decode_attention, fullgraph=True, options={"triton.cudagraphs": True})
+    ip = torch.tensor([S - 7]).cuda()
+    for _ in range(3):  # recorded, then replayed
+        assert torch.equal(compiled(q.cuda(), k.cuda(), v.cuda(), ip), llama31.decode_attention(q.cuda(), k.cuda(),
+                                                                                             v.cuda(), ip))
+
+
+@cuda
+def test_gpu_fp16_decode_steps_match_cpu_float32_reading_the_cache_up_to_the_token(tiny_ckpt):
+    """fp16 decode steps on the GPU, eager and compiled (decode_attention over the cache), give the float32
+    CPU model's logits at positions in the cache's third chunk of 128, with NaN in every cached position of
+    the fourth, which they never read. fp16, not bf16: at 266 positions the bf16 model's own full forward
+    (SDPA) is 2.5-3% from float32 (measured on an H200), and the kernel's rounding equals SDPA's there; fp16
+    rounds 8 times finer."""
+    cpu = llama31.Llama.build(str(tiny_ckpt), max_seq_len=512, max_batch_size=2, device="cpu")
+    tokens = random_tokens(2, 269, seed=5)
+    want = cpu.model(tokens)[:, 266:]  # (2, 3, vocab): the logits after tokens 266, 267, 268
+    for compile in (False, True):
+        gpu = llama31.Llama.build(str(tiny_ckpt), max_seq_len=512, max_batch_size=2, dtype="float16", compile=compile)
+        gpu.model.setup_caches(2, 512)
+        with torch.inference_mode():
+            llama31.prefill(gpu.model, tokens[:, :266].cuda(), torch.arange(266, device="cuda"))
+            for layer in gpu.model.layers:
+                layer.attention.cache.cache_k[:, :, 384:] = float("nan")
+                layer.attention.cache.cache_v[:, :, 384:] = float("nan")
+            for i, pos in enumerate(range(266, 269)):  # compiled: recorded, then replayed
+                got = gpu.decode(gpu.model, tokens[:, pos:pos + 1].cuda(), torch.tensor([pos], device="cuda"))
+                got = got.float().cpu()
+                assert torch.isfinite(got).all()
+                rel = ((got - want[:, i]).norm() / want[:, i].norm()).item()
+                assert rel < 2e-2, (compile, pos, rel)  # the GPU tests' bound for bf16 against float32
+
+
 # -----------------------------------------------------------------------------
 # checkpoint loading and saving (Meta's format): model-parallel files, clear errors, atomic saves
 
