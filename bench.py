@@ -119,9 +119,10 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
     one run): compile warm-up, time to first token, decode tok/s, % of the bandwidth roofline, peak memory
     while loading and while generating. --group_size: int4's; --quantize_output False keeps the output
     layer in bf16 when quantizing. --profile: also print where one batch-1 generation's GPU time goes,
-    kernel by kernel. --max_seq_len: the KV cache's positions (default prompt_len + gen_len; chat's is
-    4096). Under torchrun with N processes: tensor-parallel over N GPUs, rank 0 printing;
-    --vocab_parallel False replicates the output layer instead of splitting it over the vocabulary."""
+    kernel by kernel. --max_seq_len: llama31's KV cache positions (default prompt_len + gen_len; chat's is
+    4096; transformers' static cache, --hf, stays prompt_len + gen_len). Under torchrun with N processes:
+    tensor-parallel over N GPUs, rank 0 printing; --vocab_parallel False replicates the output layer instead
+    of splitting it over the vocabulary."""
     modes = quantize.split(",") if isinstance(quantize, str) else list(quantize)  # fire may pass a tuple
     batch_sizes = (batch_sizes,) if isinstance(batch_sizes, int) else tuple(batch_sizes)  # --batch_sizes 1
     for mode in modes:

@@ -329,8 +329,16 @@ def compiled_flex_attention() -> Callable:
 # cache of 384, 11.9 with chat's 4,096 however short the dialog, 40 us at batch 8. This Triton kernel (flash
 # decoding) reads only the positions up to the token's, in chunks that programs attend to in parallel, the
 # query heads that share a kv head together; a second kernel combines the chunks' softmax sums: 6.0, 6.5 and
-# 10.4 us at position 383 of those caches; over a whole cache of 4,096, 9.1 at batch 1 and SDPA's 40 at 8.
+# 10.4 us at position 383 of those caches; over a whole cache of 4,096, 9.1 at batch 1 and SDPA's 40 at 8
+# (at batch 8 over a whole 8,192, 72 against SDPA's 70).
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # in PyTorch's CUDA builds for Linux, not Windows'
+
+
+def triton_gpu(x: torch.Tensor) -> bool:
+    """Whether llama31's Triton kernels can take x: bf16 or fp16 on a CUDA GPU of compute capability 8.0 or
+    more (Ampere on), with Triton installed. Constants for a given model, so torch.compile folds them."""
+    return x.is_cuda and HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) \
+        and torch.cuda.get_device_properties(x.device).major >= 8
 
 
 @functools.cache
@@ -415,7 +423,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 @decode_attention.register_fake
 def _(q, keys, values, input_pos):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)
 
 
 class Attention(nn.Module):
@@ -458,9 +466,8 @@ class Attention(nn.Module):
             # training, eval, and prefill (which always starts at position 0): the new tokens attend among
             # themselves, causally or by a dense document mask, through SDPA's flash / fused kernels
             y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        elif x.is_cuda and HAS_TRITON and x.dtype in (torch.bfloat16, torch.float16) and keys.dtype == x.dtype \
-                and self.head_dim >= 16 and self.head_dim & (self.head_dim - 1) == 0 \
-                and torch.cuda.get_device_properties(x.device).major >= 8:  # (constants, to compile)
+        elif triton_gpu(xq) and keys.dtype == xq.dtype and self.head_dim >= 16 \
+                and self.head_dim & (self.head_dim - 1) == 0:  # (the kernel's head_dim: a power of 2, >= 16)
             y = decode_attention(xq, keys, values, input_pos)  # one new token: cached positions up to its own
         else:
             # one new token attends to every cached position up to its own; later slots are masked out
@@ -846,8 +853,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // self.in_features
-        if rows <= INT8_MATVEC_ROWS and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and HAS_TRITON \
-                and torch.cuda.get_device_properties(x.device).major >= 8:  # Ampere on (a constant to compile)
+        if rows <= INT8_MATVEC_ROWS and triton_gpu(x):
             y = int8_matvec(x.reshape(rows, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)

@@ -586,10 +586,12 @@ def test_gpu_compiled_greedy_equals_eager(tiny_ckpt):
 def test_gpu_decode_attention_kernel_reads_up_to_the_token_within_its_rounding():
     """decode_attention against float64 attention over positions 0..pos of the same inputs, with NaN in every
     cached position after pos (never read): at chunk edges, past 16 chunks (the combine's second tile), for 1,
-    4 and 8 query heads a kv head and 64 (batch row, kv head) pairs or more (256-position chunks). The bound:
-    the kernel rounds the softmax weights p <= 1 to the inputs' dtype before p @ v (unit roundoff u: 2^-8
-    bf16, 2^-11 fp16), which moves the output by at most u max|v| over the positions it weighs, and rounds the
-    output once (u |exact|); its float32 sums and exp2 add far less. In a CUDA graph: the same result."""
+    4 and 8 query heads a kv head and 64 (batch row, kv head) pairs or more (256-position chunks). The bound,
+    to first order: the kernel rounds the softmax weights p <= 1 to the inputs' dtype before p @ v (unit
+    roundoff u: 2^-8 bf16, 2^-11 fp16), which moves the output by at most u max|v| over the positions it
+    weighs (the sum it divides by is of the unrounded p), and rounds the output once (u |exact|); the u^2
+    terms, its float32 sums and exp2 add far less (the largest error seen is half the bound). In a CUDA
+    graph: the same result."""
     g = torch.Generator().manual_seed(0)
     for (B, n_heads, n_kv_heads, D, S), dtype in (((1, 32, 8, 128, 2200), torch.bfloat16),
                                                   ((9, 8, 8, 64, 2600), torch.float16),
