@@ -466,11 +466,14 @@ class Attention(nn.Module):
             # training, eval, and prefill (which always starts at position 0): the new tokens attend among
             # themselves, causally or by a dense document mask, through SDPA's flash / fused kernels
             y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-        elif triton_gpu(xq) and keys.dtype == xq.dtype and self.head_dim >= 16 \
+        elif torch.compiler.is_compiling() and triton_gpu(xq) and keys.dtype == xq.dtype and self.head_dim >= 16 \
                 and self.head_dim & (self.head_dim - 1) == 0:  # (the kernel's head_dim: a power of 2, >= 16)
-            y = decode_attention(xq, keys, values, input_pos)  # one new token: cached positions up to its own
+            # a compiled decode step (one CUDA graph): one new token attends to the cached positions up to its own
+            y = decode_attention(xq, keys, values, input_pos)
         else:
-            # one new token attends to every cached position up to its own; later slots are masked out
+            # one new token attends to every cached position up to its own; later slots are masked out (and
+            # read). Uncompiled decoding keeps this: the kernel was timed compiled only, and from Python it costs
+            # two Triton launches and three allocations where SDPA is one launch
             visible = (torch.arange(keys.size(2), device=x.device) <= input_pos).view(1, 1, 1, -1)  # (.., S)
             y = F.scaled_dot_product_attention(xq, keys, values, attn_mask=visible, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
