@@ -324,13 +324,6 @@ def compiled_flex_attention() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
-# One new token attending to its cached positions (a decode step) reads the cache and little else. SDPA with a
-# dense mask reads all max_seq_len positions every step: for 8B on an H200, 8.9 us a layer at batch 1 with a
-# cache of 384, 11.9 with chat's 4,096 however short the dialog, 40 us at batch 8. This Triton kernel (flash
-# decoding) reads only the positions up to the token's, in chunks that programs attend to in parallel, the
-# query heads that share a kv head together; a second kernel combines the chunks' softmax sums: 6.0, 6.5 and
-# 10.4 us at position 383 of those caches; over a whole cache of 4,096, 9.1 at batch 1 and SDPA's 40 at 8
-# (at batch 8 over a whole 8,192, 72 against SDPA's 70).
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # in PyTorch's CUDA builds for Linux, not Windows'
 
 
@@ -341,6 +334,13 @@ def triton_gpu(x: torch.Tensor) -> bool:
         and torch.cuda.get_device_properties(x.device).major >= 8
 
 
+# One new token attending to its cached positions (a decode step) reads the cache and little else. SDPA with a
+# dense mask reads all max_seq_len positions every step: for 8B on an H200, 8.9 us a layer at batch 1 with a
+# cache of 384, 11.9 with chat's 4,096 however short the dialog, 40 us at batch 8. This Triton kernel (flash
+# decoding) reads only the positions up to the token's, in chunks that programs attend to in parallel, the
+# query heads that share a kv head together; a second kernel combines the chunks' softmax sums: 6.0, 6.5 and
+# 10.4 us at position 383 of those caches; over a whole cache of 4,096, 9.1 at batch 1 and SDPA's 40 at 8
+# (at batch 8 over a whole 8,192, 72 against SDPA's 70).
 @functools.cache
 def decode_attention_kernels():
     import triton
