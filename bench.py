@@ -111,6 +111,12 @@ def weight_bytes_read(net: llama31.Transformer) -> int:
                for t in m.state_dict().values())
 
 
+def kv_bytes_read(args: llama31.ModelArgs, batch: int, kv_heads: int, prompt_len: int, gen_len: int) -> float:
+    """The bf16 keys and values a decode step must read, on average over a generation: those of the
+    positions up to its token (prompt_len + gen_len / 2), whatever the cache's size."""
+    return 2 * args.n_layers * batch * kv_heads * (prompt_len + gen_len / 2) * args.head_dim * 2
+
+
 def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256, batch_sizes: tuple = (1, 8),
            compile: bool = True, hf: bool = False, profile: bool = False, quantize="bf16,int8,int4",
            group_size: int = llama31.INT4_GROUP_SIZE, quantize_output: bool = True, vocab_parallel: bool = True,
@@ -176,9 +182,7 @@ def decode(model: str = "llama3.1-8b", prompt_len: int = 128, gen_len: int = 256
             total = time.time() - t0
             per_seq = (gen_len - 1) / (total - ttft)  # decode steps per second, each making B tokens
             kv_heads = net.layers[0].attention.n_kv_heads  # this rank's, tensor-parallel
-            # the keys and values a step must read: those of the positions up to its token, on average
-            kv_bytes = 2 * args.n_layers * B * kv_heads * (prompt_len + gen_len / 2) * args.head_dim * 2
-            roofline = bw / (weight_bytes + kv_bytes)
+            roofline = bw / (weight_bytes + kv_bytes_read(args, B, kv_heads, prompt_len, gen_len))
             rows.append((f"llama31 {what} {'compiled' if compile else 'eager'}", B, warmup, ttft * 1000, per_seq * B,
                          100 * per_seq / roofline, load_gib, torch.cuda.max_memory_allocated() / 2 ** 30))
             print_table(model, prompt_len, gen_len, max_seq_len, rows, gpus)
@@ -280,7 +284,7 @@ def hf_decode(args, device, prompt_len, gen_len, batch_sizes, bw, weight_bytes):
         hf.generate(ids, **kw)
         torch.cuda.synchronize()
         total = time.time() - t0
-        kv_bytes = 2 * args.n_layers * B * args.n_kv_heads * (prompt_len + gen_len / 2) * args.head_dim * 2
+        kv_bytes = kv_bytes_read(args, B, args.n_kv_heads, prompt_len, gen_len)
         per_seq = gen_len / total
         rows.append(("transformers bf16 static+compile", B, warmup, float("nan"), per_seq * B,
                      100 * per_seq / (bw / (weight_bytes + kv_bytes)), float("nan"),
