@@ -362,11 +362,12 @@ def decode_attention_kernels():
             kv = bh.to(tl.int64) * seq_len * D
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + tl.arange(0, BLOCK_N)
-                k = tl.load(k_ptr + kv + n[:, None] * D + d[None, :], mask=n[:, None] < end, other=0.0)
+                at, seen = kv + n[:, None] * D + d[None, :], n[:, None] < end  # (BLOCK_N, D) of keys and values
+                k = tl.load(k_ptr + at, mask=seen, other=0.0)
                 s = tl.where(n[None, :] < end, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
                 alpha, p = tl.exp2(m - m_new), tl.exp2(s - m_new[:, None])
-                v = tl.load(v_ptr + kv + n[:, None] * D + d[None, :], mask=n[:, None] < end, other=0.0)
+                v = tl.load(v_ptr + at, mask=seen, other=0.0)
                 l = l * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # p in bf16, as flash attention's
                 m = m_new
@@ -380,18 +381,19 @@ def decode_attention_kernels():
                 TILE: tl.constexpr):
         row = tl.program_id(0)  # (batch row, query head)
         d = tl.arange(0, D)
+        last = tl.load(pos_ptr) // CHUNK  # the token's chunk
         m_all, l_all = float("-inf"), 0.0
         out = tl.zeros((D,), tl.float32)
-        for c0 in range(0, tl.load(pos_ptr) // CHUNK + 1, TILE):  # the chunks up to the token's, TILE at a time
+        for c0 in range(0, last + 1, TILE):  # the chunks up to the token's, TILE at a time
             c = c0 + tl.arange(0, TILE)
-            used = c <= tl.load(pos_ptr) // CHUNK
-            m = tl.load(ml_ptr + (row * n_chunks + c) * 2, mask=used, other=float("-inf"))
-            l = tl.load(ml_ptr + (row * n_chunks + c) * 2 + 1, mask=used, other=0.0)
-            acc = tl.load(acc_ptr + (row * n_chunks + c)[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+            used, slot = c <= last, row * n_chunks + c
+            m = tl.load(ml_ptr + slot * 2, mask=used, other=float("-inf"))
+            l = tl.load(ml_ptr + slot * 2 + 1, mask=used, other=0.0)
+            acc = tl.load(acc_ptr + slot[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
             m_new = tl.maximum(m_all, tl.max(m, 0))
-            w = tl.where(used, tl.exp2(m - m_new), 0.0)
-            l_all = l_all * tl.exp2(m_all - m_new) + tl.sum(w * l, 0)
-            out = out * tl.exp2(m_all - m_new) + tl.sum(w[:, None] * acc, 0)
+            w, rescale = tl.where(used, tl.exp2(m - m_new), 0.0), tl.exp2(m_all - m_new)
+            l_all = l_all * rescale + tl.sum(w * l, 0)
+            out = out * rescale + tl.sum(w[:, None] * acc, 0)
             m_all = m_new
         tl.store(out_ptr + row * D + d, (out / l_all).to(out_ptr.dtype.element_ty))
     return attend_chunk, combine
