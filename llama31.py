@@ -977,8 +977,10 @@ def add_partial_sums(module, inputs, output):
 
 def gather_vocab(module, inputs, output):
     """Forward hook of a vocabulary-parallel output layer: the ranks' slices of the logits, joined along the
-    vocabulary: the same bytes on every rank."""
-    return all_gather(output, output.ndim - 1, dist.group.WORLD)
+    vocabulary: the same bytes on every rank. Gathered along the first dim, then joined here: PyTorch 2.11's
+    all_gather_tensor along another dim calls a function torch.compile refuses to trace."""
+    slices = all_gather(output.contiguous(), 0, dist.group.WORLD)  # (world * B, T, vocab_size / world)
+    return torch.cat(slices.chunk(dist.get_world_size()), dim=-1)
 
 
 @dataclass
@@ -1073,8 +1075,15 @@ def start_tensor_parallel(device: torch.device) -> tuple[Optional[TensorParallel
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-        atexit.register(dist.destroy_process_group)
+        atexit.register(end_tensor_parallel)
     return TensorParallel(dist.get_rank(), dist.get_world_size()), device
+
+
+def end_tensor_parallel():
+    """At exit: the CUDA graphs of compiled decode steps first (torch._dynamo.reset frees them), then the
+    process group. The graphs hold NCCL's communicators: destroying the group while they live hangs."""
+    torch._dynamo.reset()
+    dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------

@@ -4087,7 +4087,8 @@ def tp_worker(out_dir: str, device: str, compile: str, *ckpts: str):
     tok = Tokenizer(default_tokenizer_path())
     llama31.Tokenizer = lambda path: tok  # read once, not per checkpoint (the cached_tokenizer fixture's trick)
     rank = int(os.environ["RANK"])
-    tokens = random_tokens(2, 12, seed=3).to(device)
+    _, dev = llama31.start_tensor_parallel(torch.device(device))  # this rank's GPU (made current), or the CPU
+    tokens = random_tokens(2, 12, seed=3).to(dev)
     dirs = dict(arg.split("=", 1) for arg in ckpts)
     first, *others = [name for name in dirs if name not in ("quant", "one_kv_head")]
     runs = [(first, None, True), (first, None, False), *((name, None, True) for name in others)]
