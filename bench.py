@@ -212,9 +212,9 @@ def matrix_shapes(args: llama31.ModelArgs) -> dict:
 def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: int = llama31.INT4_GROUP_SIZE):
     """Where a decode step's time goes, matrix by matrix: each weight matrix of a preset timed alone for each
     number of rows (a decode step's batch; 1024: a prefill's) in bf16 (cuBLAS), int8 (llama31's kernel up to
-    512 rows, cuBLAS on converted weights above) and int4 (PyTorch's tinygemm): microseconds and the weights'
-    bytes per second as % of the copy bandwidth. Each timing is one CUDA graph over enough copies of the
-    matrix to pass the L2 cache, as a step reads every matrix once."""
+    llama31.INT8_KERNEL_ROWS rows, cuBLAS on converted weights above) and int4 (PyTorch's tinygemm):
+    microseconds and the weights' bytes per second as % of the copy bandwidth. Each timing is one CUDA graph
+    over enough copies of the matrix to pass the L2 cache, as a step reads every matrix once."""
     args = llama31.preset(model)
     llama31.check_quantize("int4", group_size)
     device = gpu()

@@ -770,29 +770,30 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.clamp(0, 15).to(torch.uint8).view(n, k), scales_and_zeros
 
 
-# A decode step multiplies a few rows of activations (one per sequence) by each weight matrix: its time is the
-# time to read the weights. PyTorch has no fast product with int8 weights on CUDA (aten._weight_int8pack_mm
-# reads at 2% of an H200's bandwidth), and gpt-fast's route, F.linear on weight.to(bf16) left to inductor,
-# made 8B decode read at 40% of it, barely faster than bf16 through cuBLAS. This Triton kernel (Triton comes with
-# PyTorch's CUDA builds) reads each int8 weight once: a program owns BLOCK_N output channels of BLOCK_M rows and
-# walks along k, BLOCK_K weights of each row at a time, summing in float32; the scales are applied at the end and
-# the result rounded once to x's dtype. Int8Linear sends it up to INT8_KERNEL_ROWS rows: a decode step's, and a
-# prompt's prefill, whose programs of one tile of weights run one after another, so that the weights are read from
-# memory about once however many tiles of rows there are. On an H200, 8B's matrices, it took 0.25-0.75 of the time
-# of cuBLAS on a converted copy of the weights at 128 to 512 rows, 0.93-1.02 at 1,024: a longer prompt is
-# compute-bound, and cuBLAS's tiles are the better there.
+# A decode step multiplies a few rows of activations (one per sequence) by each weight matrix: its time is the time
+# to read the weights. PyTorch has no fast product with int8 weights on CUDA (aten._weight_int8pack_mm reads at 2%
+# of an H200's bandwidth), and gpt-fast's route, F.linear on weight.to(bf16) left to inductor, made 8B decode read
+# at 40% of it, barely faster than bf16 through cuBLAS. This Triton kernel (Triton comes with PyTorch's CUDA
+# builds) reads each int8 weight once: a program owns BLOCK_N output channels of BLOCK_M rows and walks along k,
+# BLOCK_K weights of each row at a time, summing in float32; the scales are applied at the end and the result
+# rounded once to x's dtype. Int8Linear sends it matmuls of up to INT8_KERNEL_ROWS rows (batch x tokens): decode
+# steps, and prefills of up to that many tokens in all, where the programs of one tile of weights run one after
+# another, so that the weights are read from memory about once however many tiles of rows there are. On an H200,
+# 8B's matrices, it took 0.25-0.75 of the time of cuBLAS on a converted copy of the weights at 128 to 512 rows,
+# 0.93-1.02 at 1,024: about even where the work becomes compute-bound, so longer prefills keep the converted route.
 INT8_KERNEL_ROWS = 512
 
 
 @functools.cache
-def int8_matvec_kernel():
+def int8_matmul_kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
     def kernel(x_ptr, w_ptr, scales_ptr, y_ptr, m, n, k,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        row_tiles = tl.cdiv(m, BLOCK_M)  # the programs of a tile of weights are consecutive: their rows' tiles
+        # program p: row tile p % row_tiles, column tile p // row_tiles (one weight tile's programs back to back)
+        row_tiles = tl.cdiv(m, BLOCK_M)
         rows = tl.program_id(0) % row_tiles * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) // row_tiles * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's output channels
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -812,27 +813,28 @@ def int8_matvec_kernel():
     return kernel
 
 
-@torch.library.custom_op("llama31::int8_matvec", mutates_args=())
-def int8_matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("llama31::int8_matmul", mutates_args=())
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (m, k) bf16 or fp16, weight (n, k) int8, scales (n,) -> x weight^T scales (m, n) in x's dtype, on a
     CUDA device of compute capability 8.0 or more (see Int8Linear.forward)."""
     (m, k), n = x.shape, weight.shape[0]
-    # the fastest tiles of a sweep over 8B's matrices on an H200 (long runs along k; for one row, few output
-    # channels a program), chosen by shape alone rather than timed: every process sums in the same order
+    # tiles chosen by shape alone rather than timed, so every process sums in the same order: for decode the
+    # fastest of a sweep over 8B's matrices on an H200 (long runs along k; for one row, few output channels a
+    # program), for a prefill Triton's usual matmul tiles (no faster one in a short sweep at 128 and 512 rows)
     if m == 1:
         block_m, (block_n, block_k, warps) = 1, ((8, 2048, 4) if n >= 16384 else (2, 2048, 2))
     elif m <= 16:  # tensor-core tiles of 16 rows
         block_m, (block_n, block_k, warps) = 16, ((128, 256, 4) if n >= 16384 else (32, 512, 4))
-    else:  # a prefill's: Triton's usual matmul tiles
+    else:  # a prefill's
         block_m, block_n, block_k, warps = 64, 128, 64, 4
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (-(-m // block_m) * -(-n // block_n),)
-    int8_matvec_kernel()[grid](x.contiguous(), weight.contiguous(), scales, y, m, n, k, BLOCK_M=block_m,
+    int8_matmul_kernel()[grid](x.contiguous(), weight.contiguous(), scales, y, m, n, k, BLOCK_M=block_m,
                                BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
 
 
-@int8_matvec.register_fake
+@int8_matmul.register_fake
 def _(x, weight, scales):
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -840,8 +842,9 @@ def _(x, weight, scales):
 class Int8Linear(nn.Module):
     """A linear layer of int8 weights (out_features, in_features) with one bf16 scale per output channel,
     computed in the input's dtype. On a CUDA GPU up to INT8_KERNEL_ROWS rows in bf16 or fp16 (decode, a
-    prompt) go through int8_matvec, which reads one byte a weight and rounds once; otherwise (a long prompt, a
-    float32 model, the CPU) F.linear on the weights converted to x's dtype, then the scales, rounded twice.
+    prefill of up to that many tokens in all) go through int8_matmul, which reads one byte a weight and rounds
+    once; otherwise (more rows, a float32 model, the CPU) F.linear on the weights converted to x's dtype, then
+    the scales, rounded twice.
     `sources` name the float weights it stacks, beside it in its parent module."""
 
     def __init__(self, in_features: int, out_features: int, sources: tuple):
@@ -865,7 +868,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         rows = x.numel() // self.in_features
         if rows <= INT8_KERNEL_ROWS and triton_gpu(x):
-            y = int8_matvec(x.reshape(rows, self.in_features), self.weight, self.scales)
+            y = int8_matmul(x.reshape(rows, self.in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
 

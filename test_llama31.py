@@ -3704,9 +3704,9 @@ def test_gpu_int4_kernel_equals_the_cpu_reference_and_quantizing_is_device_indep
 def test_gpu_int8_kernel_is_within_one_rounding_of_the_exact_product_and_compiles():
     g = torch.Generator().manual_seed(3)
     # its decode tiles (one row or up to 16; under or over 16,384 outputs), an 8B shape, ragged shapes (masked),
-    # a prefill's tiles up to INT8_KERNEL_ROWS (several row tiles of one weight tile; ragged)
+    # a prefill's tiles up to INT8_KERNEL_ROWS (several row tiles of one weight tile; ragged rows and columns)
     cases = ((1, 4096, 4096), (5, 6144, 4096), (1, 16384, 512), (16, 16384, 256), (1, 70, 300), (3, 70, 300),
-             (llama31.INT8_KERNEL_ROWS, 6144, 4096), (100, 70, 300), (17, 200, 64))
+             (llama31.INT8_KERNEL_ROWS, 6144, 4096), (100, 70, 300), (17, 200, 64), (100, 200, 300))
     for m, n, k in cases:
         layer = llama31.Int8Linear(k, n, ("w",)).cuda()
         for key, v in layer.quantize(torch.randn(n, k, generator=g).cuda() * 0.02).items():
