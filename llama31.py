@@ -1090,9 +1090,11 @@ def start_tensor_parallel(device: torch.device) -> tuple[Optional[TensorParallel
 
 def end_tensor_parallel():
     """At exit: the CUDA graphs of compiled decode steps first (torch._dynamo.reset frees them), then the
-    process group. The graphs hold NCCL's communicators: destroying the group while they live hangs."""
+    process group, unless the caller has destroyed it. The graphs hold NCCL's communicators: destroying the
+    group while they live hangs."""
     torch._dynamo.reset()
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
