@@ -276,8 +276,8 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_cli(*args, **kwargs):
-    return subprocess.run([sys.executable, str(HERE / "llama31.py"), *args], capture_output=True, text=True,
+def run_cli(*args, script: str = "llama31.py", **kwargs):
+    return subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True,
                           timeout=300, **kwargs)
 
 
@@ -3634,8 +3634,7 @@ def test_bench_counts_the_weight_bytes_a_decode_step_reads():
 
 def test_bench_errors_are_one_line():
     def bench(*args):
-        return subprocess.run([sys.executable, str(HERE / "bench.py"), *args], capture_output=True, text=True,
-                              timeout=300, env=subprocess_env())
+        return run_cli(*args, script="bench.py", env=subprocess_env())
     r = bench("decode", "--quantize", "int3")  # checked before anything touches a GPU
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [
