@@ -209,11 +209,29 @@ def matrix_shapes(args: llama31.ModelArgs) -> dict:
             "w2": (args.dim, args.hidden_dim), "output": (args.vocab_size, args.dim)}
 
 
+class Tinygemm(torch.nn.Module):
+    """PyTorch's int4 product (aten._weight_int4pack_mm, tinygemm) of the same int4 numbers as Int4Linear: the peer
+    of llama31's int4 kernel."""
+
+    def __init__(self, w: torch.Tensor, group_size: int):
+        super().__init__()
+        q, scales_and_zeros = llama31.quantize_int4(w, group_size)
+        inner_k_tiles = next(t for t in (8, 4, 2) if w.shape[1] % (16 * t) == 0)
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack(q[:, ::2] << 4 | q[:, 1::2],
+                                                                                   inner_k_tiles))
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.group_size = group_size
+
+    def forward(self, x):
+        return torch.ops.aten._weight_int4pack_mm(x, self.weight, self.group_size, self.scales_and_zeros)
+
+
 def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: int = llama31.INT4_GROUP_SIZE):
     """Where a decode step's time goes, matrix by matrix: each weight matrix of a preset timed alone for each
     number of rows (a decode step's batch; 1024: a prefill's) in bf16 (cuBLAS), int8 (llama31's kernel up to
-    llama31.INT8_KERNEL_ROWS rows, cuBLAS on converted weights above) and int4 (PyTorch's tinygemm):
-    microseconds and the weights' bytes per second as % of the copy bandwidth. Each timing is one CUDA graph
+    llama31.INT8_KERNEL_ROWS rows, cuBLAS on converted weights above), int4 (llama31's kernel up to
+    llama31.INT4_KERNEL_ROWS rows, cuBLAS on dequantized weights above) and, its peer, int4 through PyTorch's
+    tinygemm: microseconds and the weights' bytes per second as % of the copy bandwidth. Each timing is one CUDA graph
     over enough copies of the matrix to pass the L2 cache, as a step reads every matrix once."""
     args = llama31.preset(model)
     llama31.check_quantize("int4", group_size)
@@ -222,7 +240,7 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
     rows = (rows,) if isinstance(rows, int) else tuple(rows)
     bw, _ = measure_card(device)
     print(f"{model}, {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s; us (% of it)")
-    print(f"{'matrix':<8}{'out x in':>14}{'rows':>6}{'bf16':>16}{'int8':>16}{'int4':>16}")
+    print(f"{'matrix':<8}{'out x in':>14}{'rows':>6}{'bf16':>16}{'int8':>16}{'int4':>16}{'tinygemm':>16}")
     g = torch.Generator(device=device).manual_seed(0)
     for name, (n, k) in matrix_shapes(args).items():
         w = torch.randn(n, k, generator=g, device=device, dtype=torch.bfloat16) * 0.02
@@ -233,6 +251,7 @@ def matmuls(model: str = "llama3.1-8b", rows: tuple = (1, 8, 1024), group_size: 
         for kind in ("int8", "int4"):
             for key, v in layers[kind].to_empty(device=device).quantize(w).items():
                 setattr(layers[kind], key, v)
+        layers["tinygemm"] = Tinygemm(w, group_size)
         for m in rows:
             x = torch.randn(m, k, generator=g, device=device, dtype=torch.bfloat16)
             cells = []

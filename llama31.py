@@ -730,8 +730,8 @@ def check_quantize(quantize: Optional[str], group_size: int):
         raise ValueError(f"--quantize {quantize!r} is not supported; choose one of {', '.join(QUANTIZE_CHOICES)} "
                          "(or leave it out for unquantized weights)")
     if quantize == "int4" and group_size not in (32, 64, 128, 256):
-        raise ValueError(f"--group_size {group_size!r} must be 32, 64, 128 or 256 (the group sizes of PyTorch's "
-                         "int4 kernel)")
+        raise ValueError(f"--group_size {group_size!r} must be 32, 64, 128 or 256 (the group sizes of the int4 "
+                         "kernel)")
 
 
 def exact_div(a: torch.Tensor, b: float) -> torch.Tensor:
@@ -876,27 +876,234 @@ class Int8Linear(nn.Module):
         return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
 
+# int4's decode kernel. PyTorch's int4 product (aten._weight_int4pack_mm, tinygemm) reads 8B's matrices at 32-47% of
+# an H200's bandwidth for one row and takes two to three times as long for 8 rows. This CUDA kernel, compiled at
+# first use by NVRTC through torch.cuda._compile_kernel (CUDA builds of PyTorch ship NVRTC), multiplies up to
+# INT4_KERNEL_ROWS rows on the tensor cores, as Marlin does: the weights are stored so that one 32-bit word is
+# a lane's whole A fragment of an m16n8k16 mma (16 output channels x 16 inputs), and one LOP3 puts two of its
+# 4-bit numbers under bf16's exponent of 128 (0x4300), making 128 + q exactly with no data movement; the rows of
+# x are the mma's 8 columns. Sums run in float32 per group, then take the group's scale and zero: y += scale *
+# sum x (128 + q) + (zero - 136 scale) * sum x, sum x from an mma by ones. A block owns 16 output channels and
+# its WARPS warps split k, each loading the next two 64-input blocks of weights, x and scales while it multiplies
+# the current two; their sums meet in shared memory. The inputs are permuted within each half block of 32 (the
+# same for weights and x, so the sum is unchanged, and groups of 32 stay whole) so that a lane's share of x is
+# 8 consecutive inputs of each half, read straight from x's rows. On an H200 (bench.py matmuls), 8B's wqkv, wo,
+# w13, w2 and output layer: 7.9, 5.8, 26.0, 14.0, 107.2 us for one row (tinygemm 9.8, 7.1, 34.7, 19.4, 149.5),
+# about the same for 8 (tinygemm 24.5, 13.4, 79.8, 41.0, 341.1). More rows (a prefill) dequantize the weights
+# with a second kernel and multiply in bf16 (cuBLAS).
+INT4_KERNEL_ROWS = 8
+INT4_CUDA = r"""
+#define SPB (GROUP < 64 ? 64 / GROUP : 1)  // the groups a 64-input block holds, or 1 (part of one)
+
+__device__ __forceinline__ unsigned bf16x2(unsigned v) {  // nibbles 0 and 4 of v -> bf16x2 (128 + lo, 128 + hi)
+    unsigned r;
+    asm("lop3.b32 %0, %1, 0x000f000f, 0x43004300, 0xea;" : "=r"(r) : "r"(v));  // (v & 0x000f000f) | 0x43004300
+    return r;
+}
+
+__device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                    unsigned b1) {  // d (16 x 8, float32) += a (16 x 16, bf16) b (16 x 8, bf16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};" : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned short to_bf16(float f) {  // rounded to nearest even
+    const unsigned u = __float_as_uint(f);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+struct Blocks {  // a lane's share of two 64-input blocks: weights, x, the scale-and-zero words of their groups
+    uint4 w[2], x0[2], x1[2];
+    unsigned sz[2][SPB][2];
+};
+
+__device__ __forceinline__ void load(Blocks& b, int kb, int kb1, const uint4* w, const uint4* x, bool row, int t,
+                                     const unsigned* sz, int n, int k) {
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        const bool in = kb + u < kb1;
+        b.w[u] = in ? w[(size_t)(kb + u) * 32] : zero;
+        b.x0[u] = in && row ? x[(size_t)(kb + u) * 8] : zero;  // inputs 8 t .. 8 t + 7 of the block
+        const bool x1_in = in && row && (kb + u) * 64 + 32 < k;  // k % 64 == 32: the last block's half is padding
+        b.x1[u] = x1_in ? x[(size_t)(kb + u) * 8 + 4] : zero;  // inputs 32 + 8 t .. 32 + 8 t + 7
+#pragma unroll
+        for (int s = 0; s < SPB; s++) {
+            const int grp = (kb + u) * 64 / GROUP + s;
+            const bool g_in = in && grp < k / GROUP;
+            b.sz[u][s][0] = g_in ? sz[(size_t)grp * n] : 0u;
+            b.sz[u][s][1] = g_in ? sz[(size_t)grp * n + 8] : 0u;
+        }
+    }
+}
+
+// w: (n / 16, ceil(k / 64), 32, 4) words (pack_int4); x: (m, k) bf16, m <= 8; sz: (k / GROUP, n) words, the scale
+// in the low half, the zero in the high; y: (m, n) bf16. Grid: n / 16 blocks of WARPS warps.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_matmul(const uint4* __restrict__ w, const uint4* __restrict__ x, const unsigned* __restrict__ sz,
+            unsigned short* __restrict__ y, int m, int n, int k) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int kbs = (k + 63) / 64, unit = GROUP > 64 ? GROUP / 64 : 1;  // a warp's share: whole groups
+    const int kb0 = warp * (kbs / unit) / WARPS * unit, kb1 = (warp + 1) * (kbs / unit) / WARPS * unit;
+    const unsigned ones = 0x3F803F80u;  // bf16x2 (1, 1): an mma with it sums x over each 16 inputs
+    const bool row = g < m;  // lane g carries row g of x (column g of the mma's b)
+    const int c0 = blockIdx.x * 16 + g;  // the lane's output channels: c0 and c0 + 8
+    w += (size_t)blockIdx.x * kbs * 32 + lane;
+    x += ((size_t)(row ? g : 0) * k + t * 8) / 8;
+    sz += c0;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f}, part[4] = {0.f, 0.f, 0.f, 0.f}, sx[4] = {0.f, 0.f, 0.f, 0.f};
+    Blocks cur, next;
+    load(cur, kb0, kb1, w, x, row, t, sz, n, k);
+    for (int kb = kb0; kb < kb1; kb += 2) {
+        load(next, kb + 2, kb1, w, x, row, t, sz, n, k);
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (kb + u >= kb1) break;
+            const unsigned a[4] = {cur.w[u].x, cur.w[u].y, cur.w[u].z, cur.w[u].w};
+            const unsigned b[8] = {cur.x0[u].x, cur.x0[u].y, cur.x0[u].z, cur.x0[u].w,
+                                   cur.x1[u].x, cur.x1[u].y, cur.x1[u].z, cur.x1[u].w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {  // the block's 4 steps of 16 inputs: 2 in each half
+                const unsigned v = a[j];
+                mma(part, bf16x2(v), bf16x2(v >> 4), bf16x2(v >> 8), bf16x2(v >> 12), b[2 * j], b[2 * j + 1]);
+                mma(sx, ones, ones, ones, ones, b[2 * j], b[2 * j + 1]);
+                const int end = (kb + u) * 64 + j * 16 + 16;
+                if (end % GROUP == 0 && end <= k) {  // a group ends
+                    const unsigned* s = cur.sz[u][GROUP < 64 ? (j * 16 + 16) / GROUP - 1 : 0];
+                    const float s0 = __uint_as_float(s[0] << 16), s1 = __uint_as_float(s[1] << 16);
+                    const float z0 = __uint_as_float(s[0] & 0xffff0000u) - 136.f * s0;
+                    const float z1 = __uint_as_float(s[1] & 0xffff0000u) - 136.f * s1;
+                    acc[0] = fmaf(sx[0], z0, fmaf(part[0], s0, acc[0]));  // d[0], d[1]: channel c0
+                    acc[1] = fmaf(sx[1], z0, fmaf(part[1], s0, acc[1]));
+                    acc[2] = fmaf(sx[2], z1, fmaf(part[2], s1, acc[2]));  // d[2], d[3]: channel c0 + 8
+                    acc[3] = fmaf(sx[3], z1, fmaf(part[3], s1, acc[3]));
+#pragma unroll
+                    for (int i = 0; i < 4; i++) part[i] = sx[i] = 0.f;
+                }
+            }
+        }
+        cur = next;
+    }
+    __shared__ float sums[WARPS][32][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) sums[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {  // d[i]: row 2 t + i % 2 of x, channel c0 + 8 (i / 2)
+            float s = 0.f;
+            for (int v = 0; v < WARPS; v++) s += sums[v][lane][i];
+            const int r = 2 * t + (i & 1);
+            if (r < m) y[(size_t)r * n + c0 + 8 * (i >> 1)] = to_bf16(s);
+        }
+    }
+}
+
+// The weights (n, k) in bf16, as dequantize_int4 computes them: one thread a word, 4 inputs of 2 channels.
+extern "C" __global__ void int4_dequantize(const unsigned* __restrict__ w, const unsigned* __restrict__ sz,
+                                           uint2* __restrict__ out, int n, int k) {
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, kbs = (k + 63) / 64;
+    if (i >= (size_t)n / 16 * kbs * 128) return;
+    const int j = i & 3, lane = (i >> 2) & 31, g = lane >> 2, t = lane & 3;
+    const int col = (i >> 7) % kbs * 64 + 32 * (j >> 1) + 8 * t + 4 * (j & 1);  // the word's inputs: col .. col + 3
+    if (col >= k) return;
+    const unsigned v = w[i];
+#pragma unroll
+    for (int hi = 0; hi < 2; hi++) {  // channel g, then g + 8, of the word's tile
+        const size_t c = (i >> 7) / kbs * 16 + g + 8 * hi;
+        const unsigned s = sz[(size_t)(col / GROUP) * n + c];
+        const float scale = __uint_as_float(s << 16), zero = __uint_as_float(s & 0xffff0000u);
+        unsigned short q[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++)  // input col + e: nibble 4 (e % 2) + 2 (e / 2) + hi
+            q[e] = to_bf16(fmaf((float)((v >> (4 * (4 * (e & 1) + 2 * (e >> 1) + hi))) & 15u) - 8.f, scale, zero));
+        out[(c * k + col) / 4] = make_uint2(q[0] | (unsigned)q[1] << 16, q[2] | (unsigned)q[3] << 16);
+    }
+}
+"""
+
+
+@functools.cache
+def int4_kernel(name: str, group_size: int, warps: int, device: torch.device):
+    """INT4_CUDA's kernel `name` for one group size and block size, compiled for (and loaded on) one GPU."""
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(f"#define GROUP {group_size}\n#define WARPS {warps}\n{INT4_CUDA}", name)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (n, k) uint8 in [0, 15] -> (n / 16, ceil(k / 64), 32, 4) int32, int4_matmul's layout: word j of lane
+    4 g + t of tile (c, b) is that lane's A fragment of step j = 2 j2 + j1. Its nibble 4 p + 2 c8 + h is the
+    weight of output channel 16 c + g + 8 h and input 64 b + 32 j2 + 8 t + 4 j1 + 2 c8 + p, which the mma takes as
+    its input 2 t + 8 c8 + p of the step (PTX's m16n8k16 A fragment: registers a0..a3 = (g, 2t), (g + 8, 2t),
+    (g, 2t + 8), (g + 8, 2t + 8), two inputs each; register s is nibbles s and s + 4). An odd number of 32 inputs
+    is padded to a whole block."""
+    n, k = q.shape
+    kbs = -(-k // 64)
+    q = F.pad(q, (0, kbs * 64 - k)).view(n // 16, 2, 8, kbs, 2, 4, 2, 2, 2)  # c, h, g, b, j2, t, j1, c8, p
+    nibbles = q.permute(0, 3, 2, 5, 4, 6, 8, 7, 1).reshape(n // 16, kbs, 32, 4, 8).to(torch.int32)  # ..., 4p + 2c8 + h
+    words = nibbles[..., 0]
+    for i in range(1, 8):
+        words = words | nibbles[..., i] << (4 * i)
+    return words
+
+
+@torch.library.custom_op("llama31::int4_matmul", mutates_args=())
+def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (m, k) bf16, m <= INT4_KERNEL_ROWS; weight from pack_int4; scales_and_zeros (k / group_size, n, 2) bf16
+    -> x W^T (m, n) bf16."""
+    (m, k), n = x.shape, scales_and_zeros.shape[1]
+    if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel reads x 16 bytes at a time
+        x = x.clone(memory_format=torch.contiguous_format)
+    # of 2, 4, 8 and 16 warps the fastest on 8B's matrices (more where there are few tiles), and on 70B's
+    # within 4% of the fastest
+    warps = 8 if n <= 4096 else 4
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    with torch.cuda.device(x.device):  # launched on x's GPU's current stream
+        int4_kernel("int4_matmul", group_size, warps, x.device)(grid=(n // 16, 1, 1), block=(32 * warps, 1, 1),
+                                                                 args=[weight, x, scales_and_zeros, y, m, n, k])
+    return y
+
+
+@int4_matmul.register_fake
+def _(x, weight, scales_and_zeros, group_size):
+    return x.new_empty(x.shape[0], scales_and_zeros.shape[1])
+
+
+@torch.library.custom_op("llama31::int4_dequantize", mutates_args=())
+def int4_dequantize(weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, k: int) -> torch.Tensor:
+    """The bf16 weights (n, k) of int4_matmul's weights, equal to dequantize_int4's."""
+    n = scales_and_zeros.shape[1]
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=weight.device)
+    with torch.cuda.device(weight.device):
+        int4_kernel("int4_dequantize", group_size, 1, weight.device)(
+            grid=(-(-weight.numel() // 256), 1, 1), block=(256, 1, 1), args=[weight, scales_and_zeros, w, n, k])
+    return w
+
+
+@int4_dequantize.register_fake
+def _(weight, scales_and_zeros, group_size, k):
+    return weight.new_empty(scales_and_zeros.shape[1], k, dtype=torch.bfloat16)
+
+
 class Int4Linear(nn.Module):
-    """A linear layer of int4 weights in groups (see quantize_int4). On a CUDA device the weights are in the
-    tile layout of PyTorch's int4 kernel (torch.ops.aten._weight_int4pack_mm, tinygemm), which reads half a
-    byte per weight and computes in bf16 whatever the model's dtype; elsewhere they are two to a byte
-    (the even column in the high half, as the kernel's packing op takes them) and are dequantized for each
-    call: the reference semantics the kernel is tested against."""
+    """A linear layer of int4 weights in groups (see quantize_int4). On a CUDA device the weights are in
+    int4_matmul's layout (pack_int4), which reads half a byte per weight and computes in bf16 whatever the
+    model's dtype; elsewhere they are two to a byte (the even column in the high half) and are dequantized for
+    each call: the reference semantics the kernel is tested against."""
 
     def __init__(self, in_features: int, out_features: int, sources: tuple, group_size: int, tiled: bool):
         super().__init__()
         if in_features % group_size:
             raise ValueError(f"--group_size {group_size} does not divide the {in_features} inputs of a linear "
                              "layer of this model; choose one of 32, 64, 128, 256 that does")
-        if tiled and out_features % 8:
+        if tiled and out_features % 16:
             raise ValueError(f"a linear layer of {out_features} outputs cannot use the int4 kernel, which needs a "
-                             "multiple of 8; use --quantize int8")
+                             "multiple of 16; use --quantize int8")
         self.in_features, self.out_features, self.sources = in_features, out_features, sources
         self.group_size = group_size
-        if tiled:  # (n / 8, k / (16 inner_k_tiles), 32, inner_k_tiles / 2) int32; 8 k-tiles a 16-byte load
-            inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
-            weight = torch.empty(out_features // 8, in_features // (16 * inner_k_tiles), 32, inner_k_tiles // 2,
-                                 dtype=torch.int32)
+        if tiled:  # (n / 16, ceil(k / 64), 32 lanes, 4 words) int32
+            weight = torch.empty(out_features // 16, -(-in_features // 64), 32, 4, dtype=torch.int32)
         else:
             weight = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
         self.register_buffer("weight", weight)
@@ -904,25 +1111,33 @@ class Int4Linear(nn.Module):
                                                              dtype=torch.bfloat16))
 
     def quantize(self, w: torch.Tensor) -> dict:
-        q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+        tiled = self.weight.dtype == torch.int32
+        packed = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=w.device)
         scales_and_zeros = torch.empty(self.scales_and_zeros.shape, dtype=torch.bfloat16, device=w.device)
-        for i in range(0, w.shape[0], QUANTIZE_ROWS):
+        for i in range(0, w.shape[0], QUANTIZE_ROWS):  # a multiple of 16 rows: whole tiles
             rows = slice(i, i + QUANTIZE_ROWS)
-            q[rows], scales_and_zeros[:, rows] = quantize_int4(w[rows], self.group_size)
-        packed = q[:, ::2] << 4 | q[:, 1::2]  # (n, k / 2) uint8
-        if self.weight.dtype == torch.int32:  # into the kernel's tiles, on the GPU
-            packed = torch.ops.aten._convert_weight_to_int4pack(packed, self.weight.shape[-1] * 2)
+            q, scales_and_zeros[:, rows] = quantize_int4(w[rows], self.group_size)
+            if tiled:
+                packed[i // 16:(i + QUANTIZE_ROWS) // 16] = pack_int4(q)
+            else:
+                packed[rows] = q[:, ::2] << 4 | q[:, 1::2]
         return {"weight": packed, "scales_and_zeros": scales_and_zeros}
 
     def forward(self, x):
         if self.weight.dtype == torch.int32:
-            y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight,
-                                                   self.group_size, self.scales_and_zeros)
+            rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            if rows.shape[0] <= INT4_KERNEL_ROWS:
+                y = int4_matmul(rows, self.weight, self.scales_and_zeros, self.group_size)
+            else:
+                y = F.linear(rows, int4_dequantize(self.weight, self.scales_and_zeros, self.group_size,
+                                                   self.in_features))
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         # x W^T with W dequantized, also for QLoRA's training, which keeps no dequantized copy (see Int4Matmul)
         return Int4Matmul.apply(x, self.weight, self.scales_and_zeros, self.group_size)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight.dtype == torch.int32:
+            return int4_dequantize(self.weight, self.scales_and_zeros, self.group_size, self.in_features).to(dtype)
         return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, dtype)
 
 

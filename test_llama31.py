@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -3483,6 +3484,62 @@ def test_int4_reference_follows_pytorch_int4_kernel_convention():
     assert ((got - want).abs() <= bound).all()
 
 
+def int4_mma_operands(words: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What int4_matmul's mmas multiply, read as PTX defines the m16n8k16 fragments: A (tiles, blocks, 4 steps,
+    16 channels, 16 inputs) from the packed words (lane 4 g + t's register a_s of step j is nibbles s and s + 4 of
+    its word j: channel g + 8 (s % 2), the step's inputs 2 t + 8 (s // 2) and + 1); B (blocks, 4 steps, 16
+    inputs, rows of x) as the kernel loads x (lane t: inputs 8 t .. 8 t + 7 of each half of a block; b0 of step
+    j = 2 j2 + j1 is the half j2's inputs 4 j1, + 1 of its eight, b1 4 j1 + 2, + 3, as the step's inputs 2 t, 2 t
+    + 1 and 2 t + 8, 2 t + 9), zero past k."""
+    tiles, blocks = words.shape[:2]
+    v = words.long() & 0xFFFFFFFF
+    A = torch.zeros(tiles, blocks, 4, 16, 16, dtype=torch.int64)
+    for lane in range(32):
+        g, t = divmod(lane, 4)
+        for s in range(4):
+            for h in range(2):
+                A[:, :, :, g + 8 * (s % 2), 2 * t + 8 * (s // 2) + h] = (v[:, :, lane] >> (4 * (s + 4 * h))) & 15
+    xs = F.pad(x, (0, blocks * 64 - x.shape[1])).view(-1, blocks, 64)
+    B = torch.zeros(blocks, 4, 16, x.shape[0], dtype=x.dtype)
+    for t, j, c8, p in itertools.product(range(4), range(4), range(2), range(2)):
+        B[:, j, 2 * t + 8 * c8 + p] = xs[:, :, 32 * (j // 2) + 8 * t + 4 * (j % 2) + 2 * c8 + p].t()
+    return A, B
+
+
+def test_int4_kernel_layout_gives_each_lane_its_mma_fragments(monkeypatch):
+    """pack_int4's words, read as the tensor cores read them, with x read as the kernel reads it, multiply out to
+    q x; and the kernel's arithmetic on them (sums of (128 + q) x and of x per group, then scale and zero) is the
+    product with the dequantized weights: the CPU's check of what runs on the GPU (where the kernel is tested
+    against the reference)."""
+    g = torch.Generator().manual_seed(6)
+    for n, k, group_size in ((32, 128, 64), (16, 224, 32), (48, 256, 128), (16, 512, 256), (32, 96, 32)):
+        w, x = torch.randn(n, k, generator=g), torch.randn(3, k, generator=g, dtype=torch.float64)
+        q, sz = llama31.quantize_int4(w, group_size)
+        words = llama31.pack_int4(q)
+        assert words.dtype == torch.int32 and words.shape == (n // 16, -(-k // 64), 32, 4)
+        A, B = int4_mma_operands(words, x)
+        xi = x.round()  # integers: the sum of products is exact
+        assert torch.equal(torch.einsum("cbjrk,bjkm->mcr", A.double(), int4_mma_operands(words, xi)[1]).reshape(3, n),
+                           xi @ q.double().t())
+        steps, B = A.double().flatten(1, 2) + 128, B.flatten(0, 1)  # (tiles, steps, 16, 16), (steps, 16, 3)
+        s, z = sz.double().unbind(-1)  # (groups, n)
+        y = torch.zeros(3, n, dtype=torch.float64)
+        for step in range(k // 16):  # the kernel's group ends after the steps of each group_size inputs
+            part = torch.einsum("crk,km->mcr", steps[:, step], B[step]).reshape(3, n)
+            grp = step * 16 // group_size
+            y += s[grp] * part + (z[grp] - 136 * s[grp]) * B[step].sum(0)[:, None]
+        exact = (q.double() - 8) * s.repeat_interleave(group_size, 0).t() + z.repeat_interleave(group_size, 0).t()
+        torch.testing.assert_close(y, x @ exact.t(), rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(llama31, "QUANTIZE_ROWS", 16)  # quantized 16 rows (one tile) at a time: the same words
+    w = torch.randn(48, 128, generator=g)
+    got = llama31.Int4Linear(128, 48, ("w",), 32, tiled=True).quantize(w)
+    q, sz = llama31.quantize_int4(w, 32)
+    assert torch.equal(got["weight"], llama31.pack_int4(q)) and torch.equal(got["scales_and_zeros"], sz)
+    with pytest.raises(ValueError, match="a linear layer of 40 outputs cannot use the int4 kernel, which needs a "
+                                         "multiple of 16; use --quantize int8"):
+        llama31.Int4Linear(128, 40, ("w",), 32, tiled=True)
+
+
 def unit_gain_state_dict(params: dict, seed: int = 0) -> dict:
     """Random bf16 weights of std 1/sqrt(fan_in) (the embedding of std 1, norms near one): every matmul keeps
     its input's size, as in a trained model, rather than the sharp TINY fixture's."""
@@ -3645,7 +3702,7 @@ def test_bench_errors_are_one_line():
     r = bench("matmuls", "--group_size", "16")
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == ["bench.py: error: --group_size 16 must be 32, 64, 128 or 256 (the group "
-                                             "sizes of PyTorch's int4 kernel)"]
+                                             "sizes of the int4 kernel)"]
     if not torch.cuda.is_available():
         for command in ("decode", "matmuls", "train"):
             r = bench(command)
@@ -3677,26 +3734,44 @@ def test_eval_command_is_evaluate_and_works_quantized(init_ckpt, train_data, cap
 
 
 @cuda
-def test_gpu_int4_kernel_equals_the_cpu_reference_and_quantizing_is_device_independent():
+def test_gpu_int4_kernel_is_within_one_rounding_of_the_exact_product_and_quantizing_is_device_independent():
     g = torch.Generator().manual_seed(2)
-    for n, k in ((256, 4096), (48, 224)):  # 8 and 2 inner k-tiles
-        w, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(5, k, generator=g).bfloat16()
-        cpu = llama31.Int4Linear(k, n, ("w",), GROUP, tiled=False)
-        gpu = llama31.Int4Linear(k, n, ("w",), GROUP, tiled=True)
-        cpu_state, gpu_state = cpu.quantize(w), gpu.quantize(w.cuda())
-        assert torch.equal(gpu_state["scales_and_zeros"].cpu(), cpu_state["scales_and_zeros"])
-        assert torch.equal(llama31.quantize_int4(w.cuda(), GROUP)[0].cpu(), llama31.quantize_int4(w, GROUP)[0])
-        for m, state in ((cpu, cpu_state), (gpu, gpu_state)):
-            for key, v in state.items():
-                setattr(m, key, v)
-        got, want = gpu(x.cuda()).float().cpu(), cpu(x.float())
-        # the kernel rounds its dequantized weights (bf16 fma) and its result to bf16, and sums in float32 in
-        # another order: half an ulp (2^-9) of each, the first over the sum of |x w|
-        bound = 2 ** -9 * want.abs() + 2 ** -8 * (x.float().abs() @ cpu.dequantize(torch.float32).abs().t())
-        assert ((got - want).abs() <= bound).all(), (n, k)
-        q8, scales = llama31.quantize_int8(w.cuda())
-        assert torch.equal(q8.cpu(), llama31.quantize_int8(w)[0]) and torch.equal(scales.cpu(),
-                                                                                  llama31.quantize_int8(w)[1])
+    # 8B's wqkv and w2 (4 and 8 warps a block), every group size, an odd number of 32 inputs (padded), an odd
+    # number of blocks and of tiles, blocks fewer than warps; past INT4_KERNEL_ROWS: dequantized, then cuBLAS
+    cases = ((1, 6144, 4096, 64), (8, 4096, 14336, 64), (5, 48, 224, 32), (3, 256, 512, 128), (2, 4112, 512, 256),
+             (7, 272, 320, 64), (1, 80, 96, 32), (9, 48, 224, 32), (40, 256, 512, 64))
+    for m, n, k, group_size in cases:
+        w, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(m, k, generator=g).bfloat16()
+        layer = llama31.Int4Linear(k, n, ("w",), group_size, tiled=True)
+        state, cpu_state = layer.quantize(w.cuda()), layer.quantize(w)
+        assert all(torch.equal(state[key].cpu(), cpu_state[key]) for key in state), (n, k)  # the same numbers
+        for key, v in state.items():
+            setattr(layer, key, v)
+        q, sz = llama31.quantize_int4(w, group_size)
+        cpu = llama31.dequantize_int4(q[:, ::2] << 4 | q[:, 1::2], sz, group_size, torch.bfloat16)
+        assert torch.equal(layer.dequantize(torch.bfloat16).cpu(), cpu), (n, k)  # the prefill's weights
+        got = layer(x.cuda())
+        if m > llama31.INT4_KERNEL_ROWS:  # cuBLAS's product with those weights, as for a bf16 model
+            assert torch.equal(got, F.linear(x.cuda(), cpu.cuda())), (m, n, k)
+        else:
+            # the kernel: exact products (128 + q) x summed in float32 per group and of x, then scale and zero,
+            # rounded once to bf16 (2^-9 |y|). Its float32 sums, of up to group_size terms, then k / group_size
+            # groups, each off by at most 2^-23 (tensor cores may truncate) of the sum of the terms' sizes:
+            # |x| (143 scale + |zero - 136 scale|) for each input
+            s, z = (sz[..., i].double().repeat_interleave(group_size, 0).t() for i in (0, 1))  # (n, k) each
+            exact = x.double() @ ((q.double() - 8) * s + z).t()
+            sizes = x.double().abs() @ (143 * s + (z - 136 * s).abs()).t()
+            bound = 2 ** -9 * exact.abs() + (group_size + k // group_size) * 2 ** -23 * sizes
+            assert ((got.double().cpu() - exact).abs() <= bound).all(), (m, n, k, group_size)
+    x = torch.randn(1, 4096, generator=g).bfloat16().cuda()
+    layer = llama31.Int4Linear(4096, 6144, ("w",), 64, tiled=True).cuda()
+    for key, v in layer.quantize(torch.randn(6144, 4096, generator=g).cuda() * 0.02).items():
+        setattr(layer, key, v)
+    compiled = torch.compile(layer, fullgraph=True, options={"triton.cudagraphs": True})
+    for _ in range(3):  # recorded, then replayed: bitwise the eager result
+        assert torch.equal(compiled(x), layer(x))
+    q8, scales = llama31.quantize_int8(w.cuda())
+    assert torch.equal(q8.cpu(), llama31.quantize_int8(w)[0]) and torch.equal(scales.cpu(), llama31.quantize_int8(w)[1])
 
 
 @cuda
