@@ -721,7 +721,8 @@ QUANTIZE_CHOICES = ("int8", "int4")
 INT4_GROUP_SIZE = 64
 TINY_SCALE = torch.finfo(torch.bfloat16).tiny  # the scale of an all-zero row or group, which stays zero
 # Loading quantizes a matrix this many rows at a time (each row's numbers depend on that row alone), so its
-# float32 temporaries are those of 4,096 rows, not of the matrix: 70B's output layer is 4.2 GB in float32
+# float32 temporaries are those of 4,096 rows, not of the matrix: 70B's output layer is 4.2 GB in float32.
+# A multiple of 16: whole tiles of int4's GPU layout (pack_int4).
 QUANTIZE_ROWS = 4096
 
 
@@ -754,10 +755,10 @@ def quantize_int8(w: torch.Tensor, row_max: Optional[torch.Tensor] = None) -> tu
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 in groups of group_size along each row, in the convention of PyTorch's int4 kernel:
-    w ~ (q - 8) * scale + zero with q in [0, 15] (the zero is the value of q = 8), within half a step
-    (scale / 2) for every weight. w (n, k) float -> q (n, k) uint8, scales_and_zeros (k / group_size, n, 2)
-    bf16, the kernel's layout."""
+    """Asymmetric int4 in groups of group_size along each row, in the convention of PyTorch's int4 kernel
+    (tinygemm), which int4_matmul follows: w ~ (q - 8) * scale + zero with q in [0, 15] (the zero is the value of
+    q = 8), within half a step (scale / 2) for every weight. w (n, k) float -> q (n, k) uint8, scales_and_zeros
+    (k / group_size, n, 2) bf16, both kernels' layout."""
     n, k = w.shape
     g = w.float().view(n, k // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (n, groups)
@@ -877,7 +878,7 @@ class Int8Linear(nn.Module):
 
 
 # int4's decode kernel. PyTorch's int4 product (aten._weight_int4pack_mm, tinygemm) reads 8B's matrices at 32-47% of
-# an H200's bandwidth for one row and takes two to three times as long for 8 rows. This CUDA kernel, compiled at
+# an H200's bandwidth for one row and takes 1.9-2.5 times as long for 8 rows. This CUDA kernel, compiled at
 # first use by NVRTC through torch.cuda._compile_kernel (CUDA builds of PyTorch ship NVRTC), multiplies up to
 # INT4_KERNEL_ROWS rows on the tensor cores, as Marlin does: the weights are stored so that one 32-bit word is
 # a lane's whole A fragment of an m16n8k16 mma (16 output channels x 16 inputs), and one LOP3 puts two of its
@@ -918,7 +919,7 @@ struct Blocks {  // a lane's share of two 64-input blocks: weights, x, the scale
     unsigned sz[2][SPB][2];
 };
 
-__device__ __forceinline__ void load(Blocks& b, int kb, int kb1, const uint4* w, const uint4* x, bool row, int t,
+__device__ __forceinline__ void load(Blocks& b, int kb, int kb1, const uint4* w, const uint4* x, bool row,
                                      const unsigned* sz, int n, int k) {
     const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
@@ -954,9 +955,9 @@ int4_matmul(const uint4* __restrict__ w, const uint4* __restrict__ x, const unsi
     sz += c0;
     float acc[4] = {0.f, 0.f, 0.f, 0.f}, part[4] = {0.f, 0.f, 0.f, 0.f}, sx[4] = {0.f, 0.f, 0.f, 0.f};
     Blocks cur, next;
-    load(cur, kb0, kb1, w, x, row, t, sz, n, k);
+    load(cur, kb0, kb1, w, x, row, sz, n, k);
     for (int kb = kb0; kb < kb1; kb += 2) {
-        load(next, kb + 2, kb1, w, x, row, t, sz, n, k);
+        load(next, kb + 2, kb1, w, x, row, sz, n, k);
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             if (kb + u >= kb1) break;
@@ -1053,6 +1054,8 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.T
     """x (m, k) bf16, m <= INT4_KERNEL_ROWS; weight from pack_int4; scales_and_zeros (k / group_size, n, 2) bf16
     -> x W^T (m, n) bf16."""
     (m, k), n = x.shape, scales_and_zeros.shape[1]
+    if m > INT4_KERNEL_ROWS:
+        raise ValueError(f"int4_matmul takes up to {INT4_KERNEL_ROWS} rows, not {m} (Int4Linear dequantizes for more)")
     if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel reads x 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
     # of 2, 4, 8 and 16 warps the fastest on 8B's matrices (more where there are few tiles), and on 70B's
@@ -1136,7 +1139,7 @@ class Int4Linear(nn.Module):
         return Int4Matmul.apply(x, self.weight, self.scales_and_zeros, self.group_size)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.weight.dtype == torch.int32:
+        if self.weight.dtype == torch.int32:  # rounded to bf16, the weights a prefill multiplies by
             return int4_dequantize(self.weight, self.scales_and_zeros, self.group_size, self.in_features).to(dtype)
         return dequantize_int4(self.weight, self.scales_and_zeros, self.group_size, dtype)
 
@@ -1144,8 +1147,8 @@ class Int4Linear(nn.Module):
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                     dtype: torch.dtype) -> torch.Tensor:
     """The float weights (out_features, in_features) of Int4Linear's weights two to a byte: (q - 8) * scale +
-    zero, computed in float32 (exact but for the last bit of the sum) and rounded once to dtype, as the kernel
-    rounds its bf16 fma."""
+    zero, computed in float32 (exact but for the last bit of the sum) and rounded once to dtype, as
+    int4_dequantize rounds its float32 fma to bf16."""
     q = torch.stack([packed >> 4, packed & 15], dim=-1).view(packed.shape[0], packed.shape[1] * 2)
     scales, zeros = scales_and_zeros.float().repeat_interleave(group_size, dim=0).unbind(-1)
     return ((q.float() - 8) * scales.t() + zeros.t()).to(dtype)
@@ -1158,6 +1161,12 @@ def quantize_linears(model: Transformer, quantize: str, group_size: int, device:
     them in two matmul kernels instead of five, as Transformer.fuse_weights does for float weights. With
     output=True the output layer becomes int8 too: it is 1/15 of 8B's bf16 bytes but 1/5 of its int4 bytes,
     and int8 with a scale per row (per token) keeps the logits close. The model can no longer be trained."""
+    if quantize == "int4" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise ValueError(f"--quantize int4 on a GPU needs compute capability 8.0 or more (its kernel multiplies on "
+                         f"bf16 tensor cores); the {torch.cuda.get_device_name(device)} has {capability}: use "
+                         "--quantize int8")
+
     def linear(in_features, out_features, sources):
         if quantize == "int8":
             return Int8Linear(in_features, out_features, sources)
