@@ -1161,12 +1161,6 @@ def quantize_linears(model: Transformer, quantize: str, group_size: int, device:
     them in two matmul kernels instead of five, as Transformer.fuse_weights does for float weights. With
     output=True the output layer becomes int8 too: it is 1/15 of 8B's bf16 bytes but 1/5 of its int4 bytes,
     and int8 with a scale per row (per token) keeps the logits close. The model can no longer be trained."""
-    if quantize == "int4" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
-        capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
-        raise ValueError(f"--quantize int4 on a GPU needs compute capability 8.0 or more (its kernel multiplies on "
-                         f"bf16 tensor cores); the {torch.cuda.get_device_name(device)} has {capability}: use "
-                         "--quantize int8")
-
     def linear(in_features, out_features, sources):
         if quantize == "int8":
             return Int8Linear(in_features, out_features, sources)
@@ -1767,11 +1761,15 @@ def model_bytes(model: Transformer, dtype: torch.dtype) -> int:
 
 def check_memory(model: Transformer, device: torch.device, dtype: Optional[torch.dtype], source: str,
                  group_size: int, free: Optional[int] = None, tp: Optional[TensorParallel] = None):
-    """Refuse, before reading any weight, a model (on the meta device) whose weights and KV cache do not fit
-    the GPU's free memory (free bytes: the device's own by default), instead of running out of it minutes
-    into loading. Tensor-parallel (tp), this rank's share and GPU."""
+    """Refuse, before reading any weight, a model (on the meta device) that the GPU cannot run: int4 weights on
+    a GPU older than Ampere, or weights and KV cache beyond its free memory (free bytes: the device's own by
+    default), instead of failing minutes into loading. Tensor-parallel (tp), this rank's share and GPU."""
     if device.type != "cuda":
         return
+    if any(isinstance(m, Int4Linear) for m in model.modules()) and torch.cuda.get_device_capability(device) < (8, 0):
+        raise ValueError(f"--quantize int4 on a GPU needs compute capability 8.0 or more (its kernel multiplies on "
+                         f"bf16 tensor cores); the {torch.cuda.get_device_name(device)} has "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use --quantize int8")
     args, dtype = model.params, dtype or torch.bfloat16
     kv_heads = model.layers[0].attention.n_kv_heads  # this rank's, tensor-parallel
     kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_heads * args.head_dim * dtype.itemsize

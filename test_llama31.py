@@ -3543,13 +3543,12 @@ def test_int4_kernel_layout_gives_each_lane_its_mma_fragments(monkeypatch):
 def test_int4_on_a_gpu_older_than_ampere_is_refused_before_loading(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    with torch.device("meta"):
-        model = llama31.Transformer(llama31.ModelArgs(**TINY))
+    args, cuda = llama31.ModelArgs(**TINY), torch.device("cuda")
     with pytest.raises(ValueError, match=r"^--quantize int4 on a GPU needs compute capability 8.0 or more \(its "
                                          r"kernel multiplies on bf16 tensor cores\); the Tesla T4 has 7.5: use "
                                          r"--quantize int8$"):
-        llama31.quantize_linears(model, "int4", GROUP, torch.device("cuda"))
-    assert isinstance(llama31.quantize_linears(model, "int8", GROUP, torch.device("cuda")).output, llama31.Int8Linear)
+        llama31.check_memory(llama31.meta_model(args, "int4", GROUP, cuda), cuda, None, "tiny", GROUP, free=2 ** 40)
+    llama31.check_memory(llama31.meta_model(args, "int8", GROUP, cuda), cuda, None, "tiny", GROUP, free=2 ** 40)
 
 
 def unit_gain_state_dict(params: dict, seed: int = 0) -> dict:
@@ -3669,7 +3668,8 @@ def test_bad_quantize_flags_are_one_line_errors(quant_ckpts):
         llama31.Llama.build(str(quant_ckpts["meta"]), device="cpu", quantize="int4", group_size=64)
 
 
-def test_gpu_memory_check_refuses_bf16_70b_on_an_80gb_card_naming_quantize():
+def test_gpu_memory_check_refuses_bf16_70b_on_an_80gb_card_naming_quantize(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100 80 GB's
     args = llama31.preset("llama3.1-70b", max_seq_len=512, max_batch_size=1)
     gpu, free = torch.device("cuda"), 79 * 2 ** 30  # meta models only: no GPU needed
     bf16 = llama31.meta_model(args, None, llama31.INT4_GROUP_SIZE, gpu)
