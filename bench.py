@@ -6,7 +6,7 @@ a preset shape, so no checkpoint is needed.
     python bench.py decode --model llama3.1-70b --quantize int8,int4 --batch_sizes 1   # 70B on one H200
     python bench.py decode --quantize bf16 --hf # also transformers' static-cache compiled generate
     python bench.py decode --quantize bf16,int8 --batch_sizes 1 --max_seq_len 4096   # chat's KV cache size
-    python bench.py matmuls                     # each weight matrix alone: bf16, int8, int4, % of bandwidth
+    python bench.py matmuls                     # each weight matrix alone: bf16, int8, int4, tinygemm
     torchrun --nproc_per_node 2 bench.py decode --model llama3.1-70b --quantize bf16   # tensor-parallel, 2 GPUs
     python bench.py train --model llama3.2-1b   # training step: tok/s, MFU, peak memory
     torchrun --nproc_per_node 2 bench.py train --model llama3.1-8b --batch_size 1 --activation_checkpointing

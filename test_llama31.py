@@ -3427,6 +3427,12 @@ def test_export_cli_bad_inputs_are_one_line_errors(saved, tiny_ckpt, tmp_path):
 GROUP = 32  # int4 group size of the tiny models: TINY's linears have 64 and 224 inputs
 
 
+def int4_scales_zeros(scales_and_zeros: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each weight's scale and zero, (n, k) float64 each, from quantize_int4's (k / group_size, n, 2): the
+    weights are exactly (q - 8) * scale + zero."""
+    return scales_and_zeros.double().repeat_interleave(group_size, dim=0).transpose(0, 1).unbind(-1)
+
+
 def test_quantize_round_trip_is_within_half_a_step():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 256, generator=g) * 0.05
@@ -3447,7 +3453,7 @@ def test_quantize_round_trip_is_within_half_a_step():
     for group_size in (32, 64):
         q, sz = llama31.quantize_int4(w, group_size)
         assert q.dtype == torch.uint8 and q.max() <= 15 and sz.shape == (256 // group_size, 64, 2)
-        s, z = sz.double().repeat_interleave(group_size, dim=0).transpose(0, 1).unbind(-1)  # (n, k) each
+        s, z = int4_scales_zeros(sz, group_size)
         assert ((w.double() - ((q.double() - 8) * s + z)).abs() <= slack * s).all()
         assert (s[0] <= (w[0].abs().max() * 2 / 15) * 1.01).all()  # a step of about (max - min) / 15
 
@@ -3528,8 +3534,8 @@ def test_int4_kernel_layout_gives_each_lane_its_mma_fragments(monkeypatch):
             part = torch.einsum("crk,km->mcr", steps[:, step], B[step]).reshape(3, n)
             grp = step * 16 // group_size
             y += s[grp] * part + (z[grp] - 136 * s[grp]) * B[step].sum(0)[:, None]
-        exact = (q.double() - 8) * s.repeat_interleave(group_size, 0).t() + z.repeat_interleave(group_size, 0).t()
-        torch.testing.assert_close(y, x @ exact.t(), rtol=1e-12, atol=1e-12)
+        sw, zw = int4_scales_zeros(sz, group_size)
+        torch.testing.assert_close(y, x @ ((q.double() - 8) * sw + zw).t(), rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(llama31, "QUANTIZE_ROWS", 16)  # quantized 16 rows (one tile) at a time: the same words
     w = torch.randn(48, 128, generator=g)
     got = llama31.Int4Linear(128, 48, ("w",), 32, tiled=True).quantize(w)
@@ -3771,7 +3777,7 @@ def test_gpu_int4_kernel_is_within_one_rounding_of_the_exact_product_and_quantiz
             # by at most 2^-23 (tensor cores may truncate) of the size of what it adds: within a group, up to
             # group_size + 2 steps over terms of size |x| (143 scale + |zero - 136 scale|) (`sizes`); across
             # groups and warps (8 at most), k / group_size + 8 sums no larger than those of |x w|
-            s, z = (sz[..., i].double().repeat_interleave(group_size, 0).t() for i in (0, 1))  # (n, k) each
+            s, z = int4_scales_zeros(sz, group_size)
             w_exact = (q.double() - 8) * s + z
             exact, xa = x.double() @ w_exact.t(), x.double().abs()
             sizes = xa @ (143 * s + (z - 136 * s).abs()).t()
