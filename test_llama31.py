@@ -3754,10 +3754,12 @@ def test_eval_command_is_evaluate_and_works_quantized(init_ckpt, train_data, cap
 @cuda
 def test_gpu_int4_kernel_is_within_one_rounding_of_the_exact_product_and_quantizing_is_device_independent():
     g = torch.Generator().manual_seed(2)
-    # 8B's wqkv and w2 (4 and 8 warps a block), every group size, an odd number of 32 inputs (padded), an odd
-    # number of blocks and of tiles, blocks fewer than warps; past INT4_KERNEL_ROWS: dequantized, then cuBLAS
+    # 8B's wqkv and w2, every group size, an odd number of 32 inputs (padded), an odd number of blocks, blocks
+    # fewer than warps; one tile a warp (outputs not a multiple of 32) and two, 8 warps a block and 4 (over 8,192
+    # outputs); past INT4_KERNEL_ROWS: dequantized, then cuBLAS
     cases = ((1, 6144, 4096, 64), (8, 4096, 14336, 64), (5, 48, 224, 32), (3, 256, 512, 128), (2, 4112, 512, 256),
-             (7, 272, 320, 64), (1, 80, 96, 32), (9, 48, 224, 32), (40, 256, 512, 64))
+             (7, 272, 320, 64), (1, 80, 96, 32), (4, 8224, 1024, 64), (6, 8256, 768, 256), (9, 48, 224, 32),
+             (40, 256, 512, 64))
     for m, n, k, group_size in cases:
         w, x = torch.randn(n, k, generator=g) * 0.02, torch.randn(m, k, generator=g).bfloat16()
         layer = llama31.Int4Linear(k, n, ("w",), group_size, tiled=True)
@@ -3772,17 +3774,18 @@ def test_gpu_int4_kernel_is_within_one_rounding_of_the_exact_product_and_quantiz
         if m > llama31.INT4_KERNEL_ROWS:  # cuBLAS's product with those weights, as for a bf16 model
             assert torch.equal(got, F.linear(x.cuda(), cpu.cuda())), (m, n, k)
         else:
-            # the kernel: exact products (128 + q) x summed in float32 within a group, and x summed, then y +=
-            # scale * sum + (zero - 136 scale) * sum x, rounded once to bf16 (2^-8 |y|). Each float32 step is off
-            # by at most 2^-23 (tensor cores may truncate) of the size of what it adds: within a group, up to
-            # group_size + 2 steps over terms of size |x| (143 scale + |zero - 136 scale|) (`sizes`); across
-            # groups and warps (8 at most), k / group_size + 8 sums no larger than those of |x w|
+            # the kernel: exact products (128 + q) x summed in float32 over each `span` inputs (a group, or 64
+            # inputs of a larger one), and x summed, then y += scale * sum + (zero - 136 scale) * sum x, rounded
+            # once to bf16 (2^-8 |y|). Each float32 step is off by at most 2^-23 (tensor cores may truncate) of
+            # the size of what it adds: within a span, up to span + 2 steps over terms of size |x| (143 scale +
+            # |zero - 136 scale|) (`sizes`); across spans and warps (8 at most), k / span + 8 sums no larger than
+            # those of |x w|
             s, z = int4_scales_zeros(sz, group_size)
             w_exact = (q.double() - 8) * s + z
             exact, xa = x.double() @ w_exact.t(), x.double().abs()
             sizes = xa @ (143 * s + (z - 136 * s).abs()).t()
-            bound = 2 ** -8 * exact.abs() + 2 ** -23 * ((group_size + 2) * sizes
-                                                        + (k // group_size + 8) * (xa @ w_exact.abs().t()))
+            span = min(group_size, 64)
+            bound = 2 ** -8 * exact.abs() + 2 ** -23 * ((span + 2) * sizes + (k // span + 8) * (xa @ w_exact.abs().t()))
             assert ((got.double().cpu() - exact).abs() <= bound).all(), (m, n, k, group_size)
             # the bound is for the worst case; float32's errors are far smaller than bf16's half step, so nearly
             # every result is the correctly rounded one (99.6-100% for these cases in a float32 emulation)
