@@ -1096,9 +1096,9 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.T
     if not x.is_contiguous() or x.data_ptr() % 16:  # the kernel reads x 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
     # measured on an H200 over 2, 4 and 8 warps and 1 and 2 tiles, on 8B's and 70B's matrices: two tiles a warp
-    # (x and its sums shared by twice the weights), 8 warps up to 8,192 outputs and 4 past them were the fastest
-    # or within 7% of it
-    tiles = 2 if n % 32 == 0 else 1
+    # (x and its sums shared by twice the weights) past 4,096 outputs (up to them, blocks would be fewer than
+    # multiprocessors), 8 warps up to 8,192 outputs and 4 past them were the fastest or within 6% of it
+    tiles = 2 if n % 32 == 0 and n > 4096 else 1
     warps = 8 if n <= 8192 else 4
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     with torch.cuda.device(x.device):  # launched on x's GPU's current stream
