@@ -929,20 +929,24 @@ struct Stage {  // a lane's share of two 64-input blocks of the warp's TILES til
 };
 
 // Loads those of blocks kb and kb + 1 that are the warp's (kb < kb1 is the same for the whole warp: no
-// divergence), from w and x at block kb, and moves w and x on by two blocks. kb is even, so where groups
-// are over 64 inputs both blocks are in group kb * 64 / GROUP.
+// divergence), from w and x at block kb, and moves w and x on by two blocks. Where groups are over 64 inputs
+// the warps start at whole groups, so kb is even and both blocks are in group kb * 64 / GROUP.
 __device__ __forceinline__ void load(Stage& s, int kb, int kb1, const uint4*& w, const uint4*& x,
                                      const unsigned* sz, int n, int k, int tile_stride) {
     const unsigned* z = sz + (kb * 64 / GROUP) * n;
 #pragma unroll
     for (int u = 0; u < 2; u++) {
         if (kb + u >= kb1) break;
+        // the block's second half exists (after an odd number of 32 inputs it is padding: nothing is read for
+        // it, neither x nor the scales of its group, which would be past the end, and its sums are never taken)
+        const bool half = GROUP > 32 || (kb + u) * 64 + 32 < k;
 #pragma unroll
         for (int c = 0; c < TILES; c++) s.w[u][c] = w[c * tile_stride + u * 32];
         s.x0[u] = x[u * 8];  // inputs 8 t .. 8 t + 7 of the block
-        if (GROUP > 32 || (kb + u) * 64 + 32 < k) s.x1[u] = x[u * 8 + 4];  // 32 + 8 t ..; else padding, never summed
+        if (half) s.x1[u] = x[u * 8 + 4];  // inputs 32 + 8 t .. 32 + 8 t + 7
 #pragma unroll
         for (int i = 0; i < 64 / SPAN; i++) {
+            if (i == 1 && !half) break;  // groups of 32: the second is padding
             const int grp = GROUP <= 64 ? u * 64 / GROUP + i : 0;
 #pragma unroll
             for (int c = 0; c < TILES; c++) {
@@ -1024,8 +1028,7 @@ int4_matmul(const uint4* __restrict__ w, const uint4* __restrict__ x, const unsi
 #pragma unroll
         for (int i = 0; i < 4; i++) sums[warp][c][lane][i] = acc[c][i];
     __syncthreads();
-    if (warp < TILES) {  // warp c adds up tile c
-        const int c = warp;
+    for (int c = warp; c < TILES; c += WARPS) {  // warp w adds up tiles w, w + WARPS, ...
 #pragma unroll
         for (int i = 0; i < 4; i++) {  // d[i]: row 2 t + i % 2 of x, channel c0 + 16 c + 8 (i / 2)
             float s = 0.f;
@@ -1101,6 +1104,8 @@ def int4_matmul(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.T
     tiles = 2 if n % 32 == 0 and n > 4096 else 1
     warps = 8 if n <= 8192 else 4
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    if m == 0:  # nothing to launch (the kernel's lanes past the rows read row 0)
+        return y
     with torch.cuda.device(x.device):  # launched on x's GPU's current stream
         int4_kernel("int4_matmul", group_size, warps, tiles, x.device)(
             grid=(n // (16 * tiles), 1, 1), block=(32 * warps, 1, 1), args=[weight, x, scales_and_zeros, y, m, n, k])

@@ -3755,8 +3755,8 @@ def test_eval_command_is_evaluate_and_works_quantized(init_ckpt, train_data, cap
 def test_gpu_int4_kernel_is_within_one_rounding_of_the_exact_product_and_quantizing_is_device_independent():
     g = torch.Generator().manual_seed(2)
     # 8B's wqkv and w2, every group size, an odd number of 32 inputs (padded), an odd number of blocks, blocks
-    # fewer than warps; one tile a warp (outputs not a multiple of 32) and two, 8 warps a block and 4 (over 8,192
-    # outputs); past INT4_KERNEL_ROWS: dequantized, then cuBLAS
+    # fewer than warps; one tile a warp (up to 4,096 outputs, or not a multiple of 32) and two, 8 warps a block and
+    # 4 (over 8,192 outputs); past INT4_KERNEL_ROWS: dequantized, then cuBLAS
     cases = ((1, 6144, 4096, 64), (8, 4096, 14336, 64), (5, 48, 224, 32), (3, 256, 512, 128), (2, 4112, 512, 256),
              (7, 272, 320, 64), (1, 80, 96, 32), (4, 8224, 1024, 64), (6, 8256, 768, 256), (9, 48, 224, 32),
              (40, 256, 512, 64))
