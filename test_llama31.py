@@ -4007,6 +4007,23 @@ def test_import_defers_what_only_some_commands_need():
     assert r.returncode == 0 and r.stdout == "[]\n", r.stderr
 
 
+def wait_until_asleep(proc: subprocess.Popen, timeout: float = 30):
+    """Until the program's main thread has slept for 0.2 s (Linux: its state in /proc), as it does waiting for
+    a key. input() draws its prompt before readline waits in select(), and CPython looks at a signal only when
+    select() is interrupted: a Ctrl-C between the two waits for the next key. A person is never that quick,
+    but a test on a loaded machine can be (a fixed half second was not always enough)."""
+    stat = Path(f"/proc/{proc.pid}/stat")
+    if not stat.exists():
+        time.sleep(0.5)
+        return
+    t0, since = time.time(), None
+    while since is None or time.time() - since < 0.2:
+        assert time.time() - t0 < timeout, "the program never waited for a key"
+        asleep = stat.read_text().rsplit(")", 1)[1].split()[0] == "S"  # the field after the command's name
+        since = (since or time.time()) if asleep else None
+        time.sleep(0.02)
+
+
 def read_pty_until(master: int, proc: subprocess.Popen, done, timeout: float = 60, text: str = "") -> str:
     """Read what the program writes to its terminal until done(text) holds (text: everything read so far)."""
     import select
@@ -4047,9 +4064,7 @@ def test_chat_ctrl_c_stops_a_reply_and_leaves_at_the_prompt_ctrl_d_leaves(tmp_pa
     os.write(master, b"/reset\n")
     text = read_pty_until(master, proc, lambda t: t.count("user> ") == 3, text=text)
     assert "(a new dialog)" in text
-    # input() draws its prompt before readline waits in select(), and CPython looks at a signal only when
-    # select() is interrupted: a Ctrl-C between the two waits for the next key. A person is never that quick
-    time.sleep(0.5)
+    wait_until_asleep(proc)  # in readline's select(): where a person's Ctrl-C at the prompt lands
     os.kill(proc.pid, signal.SIGINT)
     text = read_pty_until(master, proc, lambda t: proc.poll() is not None, text=text)
     assert proc.wait(timeout=30) == 0 and "Traceback" not in text and "KeyboardInterrupt" not in text, text[-2000:]
