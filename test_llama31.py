@@ -4007,20 +4007,29 @@ def test_import_defers_what_only_some_commands_need():
     assert r.returncode == 0 and r.stdout == "[]\n", r.stderr
 
 
-def wait_until_asleep(proc: subprocess.Popen, timeout: float = 30):
-    """Until the program's main thread has slept for 0.2 s (Linux: its state in /proc), as it does waiting for
-    a key. input() draws its prompt before readline waits in select(), and CPython looks at a signal only when
-    select() is interrupted: a Ctrl-C between the two waits for the next key. A person is never that quick,
-    but a test on a loaded machine can be (a fixed half second was not always enough)."""
-    stat = Path(f"/proc/{proc.pid}/stat")
-    if not stat.exists():
+def where_it_waits(proc: subprocess.Popen) -> str:
+    """What the program's main thread is doing (Linux: /proc): its state, the kernel function it sleeps in and
+    its system call ("" elsewhere, or once it has ended)."""
+    try:
+        state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # after the command name
+        return f"state {state}, in {Path(f'/proc/{proc.pid}/wchan').read_text()}, system call " + \
+            Path(f"/proc/{proc.pid}/syscall").read_text().split()[0]
+    except OSError:
+        return ""
+
+
+def wait_until_reading_keys(proc: subprocess.Popen, timeout: float = 30):
+    """Until the program waits for a key (Linux: its main thread sleeps reading the terminal, or in readline's
+    poll or select, per /proc). input() draws its prompt before it waits there, and CPython looks at a signal
+    only when that wait is interrupted: a Ctrl-C between the two waits for the next key. A person is never that
+    quick, but a test on a loaded machine can be (a fixed half second was not always enough). Elsewhere, half a
+    second."""
+    if not where_it_waits(proc):
         time.sleep(0.5)
         return
-    t0, since = time.time(), None
-    while since is None or time.time() - since < 0.2:
-        assert time.time() - t0 < timeout, "the program never waited for a key"
-        asleep = stat.read_text().rsplit(")", 1)[1].split()[0] == "S"  # the field after the command's name
-        since = (since or time.time()) if asleep else None
+    t0 = time.time()
+    while not any(f in where_it_waits(proc) for f in ("wait_woken", "poll", "select")):
+        assert time.time() - t0 < timeout, f"the program never waited for a key: {where_it_waits(proc)}"
         time.sleep(0.02)
 
 
@@ -4029,7 +4038,7 @@ def read_pty_until(master: int, proc: subprocess.Popen, done, timeout: float = 6
     import select
     t0 = time.time()
     while not done(text):
-        assert time.time() - t0 < timeout, text[-2000:]
+        assert time.time() - t0 < timeout, (where_it_waits(proc), text[-2000:])
         if select.select([master], [], [], 0.05)[0]:
             try:
                 text += os.read(master, 65536).decode(errors="replace")
@@ -4064,7 +4073,7 @@ def test_chat_ctrl_c_stops_a_reply_and_leaves_at_the_prompt_ctrl_d_leaves(tmp_pa
     os.write(master, b"/reset\n")
     text = read_pty_until(master, proc, lambda t: t.count("user> ") == 3, text=text)
     assert "(a new dialog)" in text
-    wait_until_asleep(proc)  # in readline's select(): where a person's Ctrl-C at the prompt lands
+    wait_until_reading_keys(proc)  # where a person's Ctrl-C at the prompt lands
     os.kill(proc.pid, signal.SIGINT)
     text = read_pty_until(master, proc, lambda t: proc.poll() is not None, text=text)
     assert proc.wait(timeout=30) == 0 and "Traceback" not in text and "KeyboardInterrupt" not in text, text[-2000:]
