@@ -4022,8 +4022,7 @@ def wait_until_reading_keys(proc: subprocess.Popen, timeout: float = 30):
     """Until the program waits for a key (Linux: its main thread sleeps reading the terminal, or in readline's
     poll or select, per /proc). input() draws its prompt before it waits there, and CPython looks at a signal
     only when that wait is interrupted: a Ctrl-C between the two waits for the next key. A person is never that
-    quick, but a test on a loaded machine can be (a fixed half second was not always enough). Elsewhere, half a
-    second."""
+    quick, but a test can be. Elsewhere, half a second."""
     if not where_it_waits(proc):
         time.sleep(0.5)
         return
@@ -4057,11 +4056,17 @@ def test_chat_ctrl_c_stops_a_reply_and_leaves_at_the_prompt_ctrl_d_leaves(tmp_pa
     argv = [sys.executable, str(HERE / "llama31.py"), "chat", "--ckpt_dir", str(tiny_ckpt), "--max_seq_len", "2048",
             "--max_gen_len", "2000", "--temperature", "1", "--device", "cpu"]
     sessions = []
-    for _ in range(2):
-        master, slave = pty.openpty()
-        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=subprocess_env(), cwd=tmp_path)
-        os.close(slave)
-        sessions.append((proc, master))
+    # as from a shell at a terminal, the programs start with SIGINT at its default: a test run started in the
+    # background (sh's `cmd &`) has SIGINT ignored, which its children, and Python in them, would keep
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # caught here: the default after exec
+    try:
+        for _ in range(2):
+            master, slave = pty.openpty()
+            proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=subprocess_env(), cwd=tmp_path)
+            os.close(slave)
+            sessions.append((proc, master))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     (proc, master), (proc2, master2) = sessions
     text = read_pty_until(master, proc, lambda t: "user> " in t)
     assert "/reset starts a new dialog" in text  # the keys are told on a terminal
@@ -4070,6 +4075,8 @@ def test_chat_ctrl_c_stops_a_reply_and_leaves_at_the_prompt_ctrl_d_leaves(tmp_pa
     text = read_pty_until(master, proc, lambda t: "assistant> " in t and len(t.split("assistant> ")[1]) > 20, text=text)
     os.kill(proc.pid, signal.SIGINT)
     text = read_pty_until(master, proc, lambda t: t.count("user> ") == 2, text=text)
+    reply = text.split("assistant> ")[1].rsplit("user> ", 1)[0]
+    assert len(Tokenizer(default_tokenizer_path()).encode(reply, bos=False, eos=False)) < 1000, len(reply)  # stopped
     os.write(master, b"/reset\n")
     text = read_pty_until(master, proc, lambda t: t.count("user> ") == 3, text=text)
     assert "(a new dialog)" in text
