@@ -3788,7 +3788,8 @@ def test_gpu_int4_kernel_is_within_one_rounding_of_the_exact_product_and_quantiz
             bound = 2 ** -8 * exact.abs() + 2 ** -23 * ((span + 2) * sizes + (k // span + 8) * (xa @ w_exact.abs().t()))
             assert ((got.double().cpu() - exact).abs() <= bound).all(), (m, n, k, group_size)
             # the bound is for the worst case; float32's errors are far smaller than bf16's half step, so nearly
-            # every result is the correctly rounded one (99.6-100% for these cases in a float32 emulation)
+            # every result is the correctly rounded one (99.6-100% in a float32 emulation of the kernel's first
+            # version, on the cases it had)
             rounded = (got.cpu() == exact.to(torch.bfloat16)).double().mean().item()
             assert rounded >= 0.95, (m, n, k, group_size, rounded)
             unaligned = torch.empty(m * k + 1, dtype=torch.bfloat16, device="cuda")[1:].view(m, k)
@@ -4012,8 +4013,9 @@ def where_it_waits(proc: subprocess.Popen) -> str:
     its system call ("" elsewhere, or once it has ended)."""
     try:
         state = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # after the command name
-        return f"state {state}, in {Path(f'/proc/{proc.pid}/wchan').read_text()}, system call " + \
-            Path(f"/proc/{proc.pid}/syscall").read_text().split()[0]
+        function = Path(f"/proc/{proc.pid}/wchan").read_text()
+        call = Path(f"/proc/{proc.pid}/syscall").read_text().split()[0]
+        return f"state {state}, in {function}, system call {call}"
     except OSError:
         return ""
 
