@@ -1012,14 +1012,16 @@ int4_matmul(const uint4* __restrict__ w, const uint4* __restrict__ x, const unsi
     const uint4* wp = w + ((size_t)blockIdx.x * TILES * kbs + kb0) * 32 + lane;
     // lane g carries row g of x (column g of the mma's b); lanes past the rows read row 0, into columns never stored
     const uint4* xp = x + ((size_t)(g < m ? g : 0) * k + kb0 * 64 + t * 8) / 8;
+    const int tile_stride = kbs * 32;  // words from one tile's block to the next tile's
+    sz += c0;
     float acc[TILES][4] = {};
     Stage s0, s1;  // they take turns: nothing is copied from one into the other
-    load(s0, kb0, kb1, wp, xp, sz + c0, n, k, kbs * 32);
+    load(s0, kb0, kb1, wp, xp, sz, n, k, tile_stride);
     for (int kb = kb0; kb < kb1; kb += 4) {  // load the next stage, multiply the current
-        load(s1, kb + 2, kb1, wp, xp, sz + c0, n, k, kbs * 32);
+        load(s1, kb + 2, kb1, wp, xp, sz, n, k, tile_stride);
         multiply(s0, kb, kb1, k, acc);
         if (kb + 2 >= kb1) break;
-        load(s0, kb + 4, kb1, wp, xp, sz + c0, n, k, kbs * 32);
+        load(s0, kb + 4, kb1, wp, xp, sz, n, k, tile_stride);
         multiply(s1, kb + 2, kb1, k, acc);
     }
     __shared__ float sums[WARPS][TILES][32][4];
@@ -1176,8 +1178,7 @@ class Int4Linear(nn.Module):
             if rows.shape[0] <= INT4_KERNEL_ROWS:
                 y = int4_matmul(rows, self.weight, self.scales_and_zeros, self.group_size)
             else:
-                y = F.linear(rows, int4_dequantize(self.weight, self.scales_and_zeros, self.group_size,
-                                                   self.in_features))
+                y = F.linear(rows, self.dequantize(torch.bfloat16))
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         # x W^T with W dequantized, also for QLoRA's training, which keeps no dequantized copy (see Int4Matmul)
         return Int4Matmul.apply(x, self.weight, self.scales_and_zeros, self.group_size)
@@ -1810,10 +1811,11 @@ def check_memory(model: Transformer, device: torch.device, dtype: Optional[torch
     default), instead of failing minutes into loading. Tensor-parallel (tp), this rank's share and GPU."""
     if device.type != "cuda":
         return
-    if any(isinstance(m, Int4Linear) for m in model.modules()) and torch.cuda.get_device_capability(device) < (8, 0):
+    int4 = any(isinstance(m, Int4Linear) for m in model.modules())
+    if int4 and (capability := torch.cuda.get_device_capability(device)) < (8, 0):
         raise ValueError(f"--quantize int4 on a GPU needs compute capability 8.0 or more (its kernel multiplies on "
                          f"bf16 tensor cores); the {torch.cuda.get_device_name(device)} has "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}: use --quantize int8")
+                         f"{'.'.join(map(str, capability))}: use --quantize int8")
     args, dtype = model.params, dtype or torch.bfloat16
     kv_heads = model.layers[0].attention.n_kv_heads  # this rank's, tensor-parallel
     kv_cache = 2 * args.n_layers * args.max_batch_size * args.max_seq_len * kv_heads * args.head_dim * dtype.itemsize
